@@ -1,0 +1,89 @@
+"""Builders: each takes its own config section(s) and returns one component."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from amd_fast.config import Config, DecoderConfig, MaskConfig, ModelConfig, ObjectiveConfig
+from amd_fast.device import fast_dtype
+from amd_fast.masks import MaskGenerator
+from amd_fast.models.checkpoint_io import load_encoder, load_pretrain
+from amd_fast.models.pretrain import PretrainModel
+from amd_fast.models.vit import build_encoder, resolve_arch
+from amd_fast.objectives import OBJECTIVES, FrozenTeacher
+
+log = logging.getLogger(__name__)
+
+
+def teacher_width(model_cfg: ModelConfig) -> int:
+    return resolve_arch(model_cfg.arch, model_cfg.embed_dim, model_cfg.depth, model_cfg.num_heads)[0]
+
+
+def build_student(
+    model_cfg: ModelConfig,
+    decoder_cfg: DecoderConfig,
+    objective_cfg: ObjectiveConfig,
+    teacher_model_cfg: ModelConfig | None,
+    *,
+    img_size: int,
+    num_frames: int,
+) -> PretrainModel:
+    encoder = build_encoder(model_cfg, img_size=img_size, num_frames=num_frames)
+    kw = {}
+    if objective_cfg.name in ("amd", "dmae"):
+        kw = dict(
+            teacher_dim=teacher_width(teacher_model_cfg),
+            num_aligned=len(objective_cfg.student_layers),
+            generator_depth=objective_cfg.generator_depth if objective_cfg.name == "amd" else 0,
+            head_kind="amd" if objective_cfg.name == "amd" else objective_cfg.dmae_head,
+        )
+        if max(objective_cfg.student_layers) > encoder.depth:
+            raise ValueError(
+                f"objective.student_layers={objective_cfg.student_layers} exceeds the student depth {encoder.depth}"
+            )
+    model = PretrainModel(encoder, decoder_cfg.embed_dim, decoder_cfg.depth, decoder_cfg.num_heads, **kw)
+    if model_cfg.init:
+        load_pretrain(model, model_cfg.init)
+    return model
+
+
+def build_teacher(teacher_cfg, teacher_layers: list[int], device: torch.device, *, img_size, num_frames):
+    if not teacher_cfg.checkpoint:
+        raise ValueError("teacher.checkpoint is empty: give a (Video)MAE checkpoint, or let train.py pre-train one")
+    encoder = build_encoder(teacher_cfg.model, img_size=img_size, num_frames=num_frames)
+    load_encoder(encoder, teacher_cfg.checkpoint)
+    dtype = fast_dtype(device) if teacher_cfg.dtype == "auto" else getattr(torch, teacher_cfg.dtype)
+    log.info("teacher: %s, runs in %s up to block %d", teacher_cfg.checkpoint, dtype, max(teacher_layers))
+    return FrozenTeacher(encoder.to(device), teacher_layers, dtype)
+
+
+def build_mask_generator(mask_cfg: MaskConfig, objective: str, grid: tuple[int, int, int]) -> MaskGenerator:
+    teacher_ratio = mask_cfg.teacher_ratio if objective == "amd" else None
+    return MaskGenerator(grid, mask_cfg.kind, mask_cfg.student_ratio, teacher_ratio, mask_cfg.decoder_ratio)
+
+
+def build_objective(objective_cfg: ObjectiveConfig, model: PretrainModel, teacher: FrozenTeacher | None):
+    return OBJECTIVES[objective_cfg.name](model, objective_cfg, teacher)
+
+
+def teacher_pretrain_config(cfg: Config) -> Config:
+    """The `mae` run that makes a teacher when none is given: the teacher's architecture, its own decoder,
+    the same data, written under <output_dir>/teacher and resumable like any run."""
+    t = copy.deepcopy(cfg)
+    t.model = copy.deepcopy(cfg.teacher.model)
+    t.model.init = ""
+    t.decoder = copy.deepcopy(cfg.teacher.pretrain_decoder)
+    t.objective = ObjectiveConfig(name="mae", norm_pix_loss=cfg.objective.norm_pix_loss)
+    t.mask = MaskConfig(kind=cfg.mask.kind, student_ratio=cfg.teacher.pretrain_mask_ratio, teacher_ratio=0.0)
+    t.optim.base_lr = cfg.teacher.pretrain_lr
+    t.optim.clip_grad = 0.0
+    t.train.steps = cfg.teacher.pretrain_steps
+    t.train.warmup_steps = max(1, cfg.teacher.pretrain_steps // 10)
+    t.train.output_dir = f"{cfg.train.output_dir}/teacher"
+    t.train.save_interval = min(cfg.train.save_interval, cfg.teacher.pretrain_steps)
+    t.train.resume = "auto"
+    t.teacher.checkpoint = ""
+    return t

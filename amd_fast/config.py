@@ -1,0 +1,280 @@
+"""Typed configuration: one small dataclass per component, YAML presets, dotted CLI overrides.
+
+A preset is a YAML file whose top-level keys are the sections of `Config`. Overrides are
+`section.field=value` strings (values parsed as YAML). Every unknown section or field and every
+value outside a `Literal` fails at start with a message naming the field and the allowed values.
+Each builder receives its own section, never the whole config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "custom"]
+AttnBackend = Literal["auto", "flash_attn", "xformers", "sdpa", "math"]
+
+
+class ConfigError(ValueError):
+    """A config field or value is wrong; the message names the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """A ViT encoder. Images are 1-frame videos with tubelet 1."""
+
+    arch: Arch = "vit_small"
+    embed_dim: int = 0  # 0: from arch (Ti/S/B/L = 192/384/768/1024)
+    depth: int = 0  # 0: from arch (12/12/12/24)
+    num_heads: int = 0  # 0: from arch (3/6/12/16)
+    patch_size: int = 16
+    tubelet_size: int = 2
+    mlp_ratio: float = 4.0
+    cls_token: bool = False  # VideoMAE has none; MAE image checkpoints have one
+    drop_path: float = 0.0
+    attn_backend: AttnBackend = "auto"
+    init: str = ""  # checkpoint to initialize from (official VideoMAE / MAE / AMD layouts load as they are)
+
+
+@dataclass
+class DecoderConfig:
+    embed_dim: int = 192  # [192 for ViT-S students, 384 for ViT-B]
+    depth: int = 4
+    num_heads: int = 3
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher of `amd` / `dmae`. With no checkpoint, one is pre-trained with `mae` first."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="vit_base"))
+    checkpoint: str = ""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fastest the device has
+    # Used only when `checkpoint` is empty: the `mae` run that makes the teacher.
+    pretrain_steps: int = 0
+    pretrain_decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(embed_dim=192, depth=2, num_heads=3))
+    pretrain_lr: float = 1.5e-4
+    pretrain_mask_ratio: float = 0.9
+
+
+@dataclass
+class MaskConfig:
+    kind: Literal["tube", "random"] = "tube"  # tube: one spatial pattern repeated over time (VideoMAE)
+    student_ratio: float = 0.9  # rho_s
+    teacher_ratio: float = 0.75  # rho_t (amd); dmae shares the student's mask
+    decoder_ratio: float = 0.0  # VideoMAEv2 running-cell decoder masking; 0 = off (changes the math)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["amd", "dmae", "mae"] = "amd"
+    student_layers: list[int] = field(default_factory=lambda: [6, 12])  # 1-indexed blocks
+    teacher_layers: list[int] = field(default_factory=lambda: [6, 12])
+    w_rec: float = 1.0
+    w_dir: float = 1.0
+    w_gen: float = 1.0
+    distance: Literal["mse", "l1", "smooth_l1"] = "mse"
+    generator_depth: int = 2
+    dmae_distance: Literal["l1", "l2"] = "l1"
+    dmae_head: Literal["linear", "mlp"] = "linear"
+    norm_pix_loss: bool = True  # per-patch standardized targets, as VideoMAE
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["fashion_mnist", "moving_fashion_mnist"] = "moving_fashion_mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"
+    input_size: int = 224
+    num_frames: int = 16
+    batch_size: int = 8  # per-rank micro-batch
+    num_workers: int = 1
+    size: int = 0  # 0: the whole split
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.2e-3  # scaled by global_batch / 256
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    clip_grad: float = 0.02  # 0: off
+    accum_steps: int = 1
+    fused: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    warmup_steps: int = 100
+    seed: int = 0
+    threads: int = 0  # 0: torch's default
+    log_interval: int = 10
+    save_interval: int = 500
+    keep_checkpoints: int = 2
+    output_dir: str = "outputs/run"
+    resume: str = ""  # "auto": newest complete checkpoint in output_dir; or a path
+    max_nonfinite_in_row: int = 5
+    autocast: Literal["auto", "off", "bfloat16", "float16"] = "auto"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and checking
+
+
+def _check_value(path: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}={value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(f"{path}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise NotImplementedError(path)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _from_dict(cls: type, data: dict, path: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    obj = cls()
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else key
+        if key not in names:
+            raise ConfigError(f"unknown field '{full}'; allowed fields: {', '.join(names)}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            # merge into the section's defaults, so a preset can set only what it changes
+            sub = getattr(obj, key)
+            merged = {**dataclasses.asdict(sub), **value}
+            setattr(obj, key, _from_dict(hints[key], merged, full))
+        else:
+            setattr(obj, key, _check_value(full, hints[key], value))
+    return obj
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot override '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Preset YAML (optional) + `a.b=value` overrides -> a checked `Config`."""
+    tree: dict = {}
+    if path:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: a preset must be a mapping of sections")
+    for item in overrides or []:
+        item = item.removeprefix("--")
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+    cfg = _from_dict(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type cannot express."""
+    m = cfg.mask
+    for name in ("student_ratio", "teacher_ratio", "decoder_ratio"):
+        v = getattr(m, name)
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"mask.{name}={v} must be in [0, 1)")
+    if cfg.objective.name == "amd" and m.teacher_ratio > m.student_ratio:
+        raise ConfigError(
+            f"mask.teacher_ratio={m.teacher_ratio} must be <= mask.student_ratio={m.student_ratio}: "
+            "AMD's teacher sees a superset of the student's tokens"
+        )
+    o = cfg.objective
+    if o.name in ("amd", "dmae"):
+        if len(o.student_layers) != len(o.teacher_layers) or not o.student_layers:
+            raise ConfigError(
+                f"objective.student_layers={o.student_layers} and objective.teacher_layers={o.teacher_layers} "
+                "must be non-empty and of equal length (one teacher layer per student layer)"
+            )
+    if o.name in ("amd", "dmae"):
+        for name in ("patch_size", "tubelet_size"):
+            s, t = getattr(cfg.model, name), getattr(cfg.teacher.model, name)
+            if s != t:
+                raise ConfigError(
+                    f"model.{name}={s} and teacher.model.{name}={t} must match: "
+                    "teacher and student read the same tokens"
+                )
+    if cfg.optim.accum_steps < 1:
+        raise ConfigError(f"optim.accum_steps={cfg.optim.accum_steps} must be >= 1")
+    if cfg.data.dataset == "fashion_mnist" and (cfg.data.num_frames != 1 or cfg.model.tubelet_size != 1):
+        # the teacher's tubelet is checked against the student's above
+        raise ConfigError(
+            f"data.dataset=fashion_mnist is an image dataset: data.num_frames={cfg.data.num_frames} and "
+            f"model.tubelet_size={cfg.model.tubelet_size} must both be 1"
+        )
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,321 @@
+"""The training loop: `Trainer.train()` -> `train_step()` -> `forward_backward()`.
+
+Everything the loop needs is built here from the config sections; parallelism (the DeepSpeed issue)
+wraps the model from outside through `self.model`, `self.optimizer` and `self.sampler`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from amd_fast import checkpoint as ckpt
+from amd_fast.build import build_mask_generator, build_objective, build_student, build_teacher
+from amd_fast.config import Config, from_dict, to_dict
+from amd_fast.data import EpochSampler, build_dataset
+from amd_fast.device import autocast_dtype, default_device, peak_memory_bytes
+from amd_fast.flops import step_flops
+from amd_fast.optim import build_optimizer, lr_at, scaled_lrs
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _worker_init(_):
+    # each loader worker decodes / augments on one thread; the main process keeps the others for GEMMs
+    torch.set_num_threads(1)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        device: torch.device | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        teacher=None,
+        with_data: bool = True,
+    ):
+        """teacher: an already-built FrozenTeacher (benchmarks); with_data=False: no dataset (benchmarks
+        feed `train_step` themselves)."""
+        self.cfg = cfg
+        self.device = device or default_device()
+        self.rank, self.world_size = rank, world_size
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        d, t = cfg.data, cfg.train
+        self.out_dir = Path(t.output_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        img_size, num_frames = d.input_size, d.num_frames
+        self.model = build_student(
+            cfg.model, cfg.decoder, cfg.objective, cfg.teacher.model, img_size=img_size, num_frames=num_frames
+        ).to(self.device)
+        self.teacher = teacher
+        if cfg.objective.name in ("amd", "dmae") and teacher is None:
+            self.teacher = build_teacher(
+                cfg.teacher, cfg.objective.teacher_layers, self.device, img_size=img_size, num_frames=num_frames
+            )
+        self.objective = build_objective(cfg.objective, self.model, self.teacher)
+        self.masks = build_mask_generator(cfg.mask, cfg.objective.name, self.model.encoder.grid)
+
+        self.dataset = self.sampler = None
+        self.batches_per_epoch = 0
+        if with_data:
+            self._build_data()
+
+        self.global_batch = d.batch_size * cfg.optim.accum_steps * world_size
+        self.lr, self.min_lr, self.warmup_lr = scaled_lrs(cfg.optim, self.global_batch)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.lr, self.device)
+        self.autocast = autocast_dtype(t.autocast, self.device)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        self.flops = step_flops(self.model, self.teacher, self.masks.counts, cfg.objective.name, d.batch_size)
+        n_teacher = 0 if self.teacher is None else sum(p.numel() for p in self.teacher.encoder.parameters())
+        log.info(
+            "model: student %.1fM trainable params, teacher %s; global batch %d (micro %d x accum %d x ranks %d); "
+            "lr %.3g; %.1f GFLOP per micro-batch step; autocast %s",
+            sum(p.numel() for p in self.model.parameters()) / 1e6,
+            "none" if self.teacher is None else f"{n_teacher / 1e6:.1f}M",
+            self.global_batch, d.batch_size, cfg.optim.accum_steps, world_size, self.lr,
+            self.flops.total / 1e9, self.autocast,
+        )  # fmt: skip
+        if t.resume:
+            self.resume(t.resume)
+
+    # ------------------------------------------------------------------------------------------
+    # data
+
+    def _build_data(self) -> None:
+        d, t = self.cfg.data, self.cfg.train
+        # One seed for all ranks: every sample is seeded by its global index, which ranks never share,
+        # so augmentation and masks differ per rank and do not depend on the number of ranks.
+        self.dataset = build_dataset(
+            d.dataset, root=d.root, split="train", input_size=d.input_size, num_frames=d.num_frames,
+            seed=t.seed, train=True, mask_fn=self.masks, size=d.size,
+        )  # fmt: skip
+        self.sampler = EpochSampler(len(self.dataset), seed=t.seed, rank=self.rank, world_size=self.world_size)
+        self.batches_per_epoch = self.sampler.num_per_rank // d.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"data.batch_size={d.batch_size} is larger than this rank's share of the dataset "
+                f"({self.sampler.num_per_rank} samples)"
+            )
+
+    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(start_batch * self.cfg.data.batch_size)
+        nw = self.cfg.data.num_workers
+        return DataLoader(
+            self.dataset, batch_size=self.cfg.data.batch_size, sampler=self.sampler, num_workers=nw,
+            drop_last=True, worker_init_fn=_worker_init if nw else None, persistent_workers=False,
+            prefetch_factor=4 if nw else None,
+        )  # fmt: skip
+
+    def batches(self):
+        """Micro-batches forever, starting where `self.step` says (mid-epoch resume loads no skipped data)."""
+        consumed = self.step * self.cfg.optim.accum_steps
+        epoch, start = divmod(consumed, self.batches_per_epoch)
+        while True:
+            for batch in self._loader(epoch, start):
+                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            epoch, start = epoch + 1, 0
+
+    # ------------------------------------------------------------------------------------------
+    # one step
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            loss, parts = self.objective(batch)
+        (loss / self.cfg.optim.accum_steps).backward()
+        return loss.detach(), parts
+
+    def train_step(self, micro_batches) -> dict[str, torch.Tensor] | None:
+        """One optimizer step over `accum_steps` micro-batches. Returns detached loss parts, or None if skipped."""
+        lr = lr_at(self.step, self.cfg.train.steps, self.cfg.train.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        total, sums = None, {}
+        for batch in micro_batches:
+            loss, parts = self.forward_backward(batch)
+            total = loss if total is None else total + loss
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v
+        n = len(micro_batches)
+        check = total
+        if self.cfg.optim.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad, foreach=True)
+            check = check + norm
+        # Host sync, once per optimizer step: the step must be skipped when the loss or the gradients are
+        # not finite. (Free on CPU; one sync per step on CUDA, as the references' loss.item().)
+        finite = bool(torch.isfinite(check))
+        self.step += 1
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_total += 1
+            self.nonfinite_in_row += 1
+            log.warning(
+                "step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.nonfinite_in_row
+            )
+            if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_row} non-finite steps in a row (last at step {self.step}); stopping. "
+                    "Lower optim.base_lr, set optim.clip_grad, or check the input data. The last complete "
+                    f"checkpoint in {self.out_dir} is intact."
+                )
+            return None
+        self.nonfinite_in_row = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {"loss": total / n, **{k: v / n for k, v in sums.items()}, "lr": torch.tensor(lr)}
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+
+    def train(self) -> Path | None:
+        t = self.cfg.train
+        if self.step >= t.steps:
+            log.info("nothing to do: step %d >= train.steps %d", self.step, t.steps)
+            return ckpt.find_resume(self.out_dir)
+        writer = self._tb_writer() if self.rank == 0 and t.tensorboard else None
+        metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.rank == 0 else None
+        bar = self._progress_bar()
+        it = self.batches()
+        accum = self.cfg.optim.accum_steps
+        window = {"sums": {}, "n": 0, "t0": time.perf_counter(), "data": 0.0, "steps": 0}
+        last_path = None
+        try:
+            while self.step < t.steps:
+                t_wait = time.perf_counter()
+                micro = [next(it) for _ in range(accum)]
+                window["data"] += time.perf_counter() - t_wait
+                out = self.train_step(micro)
+                window["steps"] += 1
+                if out is not None:
+                    for k, v in out.items():
+                        window["sums"][k] = window["sums"].get(k, 0) + v
+                    window["n"] += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % t.log_interval == 0 or self.step == t.steps:
+                    self._log(window, writer, metrics_file, bar)
+                    window = {"sums": {}, "n": 0, "t0": time.perf_counter(), "data": 0.0, "steps": 0}
+                if self.step % t.save_interval == 0 or self.step == t.steps:
+                    last_path = self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+            if metrics_file is not None:
+                metrics_file.close()
+        return last_path
+
+    def _log(self, window, writer, metrics_file, bar) -> None:
+        dt = time.perf_counter() - window["t0"]
+        steps = window["steps"]
+        clips = steps * self.cfg.data.batch_size * self.cfg.optim.accum_steps * self.world_size
+        rec = {"step": self.step}
+        # .item() here only: one host sync per log interval
+        rec.update({k: float(v) / window["n"] for k, v in window["sums"].items()} if window["n"] else {})
+        rec.update(
+            clips_per_s=clips / dt,
+            tokens_per_s=clips * self.model.encoder.num_patches / dt,
+            gflops_per_s=steps * self.cfg.optim.accum_steps * self.flops.total / dt / 1e9,
+            data_wait=window["data"] / dt,
+            peak_mem_gib=peak_memory_bytes(self.device) / 2**30,
+            skipped=self.nonfinite_total,
+        )
+        parts = " ".join(f"{k} {rec[k]:.4f}" for k in ("rec", "dir", "gen", "dist") if k in rec)
+        msg = (
+            f"step {self.step}/{self.cfg.train.steps} | loss {rec.get('loss', float('nan')):.4f} ({parts}) | "
+            f"lr {rec.get('lr', 0):.2e} | {rec['clips_per_s']:.1f} clips/s | {rec['tokens_per_s']:.0f} tok/s | "
+            f"{rec['gflops_per_s']:.0f} GFLOP/s | data wait {100 * rec['data_wait']:.0f}% | "
+            f"peak mem {rec['peak_mem_gib']:.2f} GiB"
+        )
+        if bar is not None:
+            bar.write(msg)
+        else:
+            log.info(msg)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.flush()
+        if writer is not None:
+            for k, v in rec.items():
+                if k != "step":
+                    writer.add_scalar(f"train/{k}", v, self.step)
+            writer.flush()
+
+    def _tb_writer(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _progress_bar(self):
+        if not self.cfg.train.progress or self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        if not sys.stderr.isatty():
+            return None  # in a log file the log lines are the progress report
+        return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "nonfinite_total": self.nonfinite_total,
+            "rng": ckpt.rng_state(),
+            "config": to_dict(self.cfg),
+            "meta": {"world_size": self.world_size, "objective": self.cfg.objective.name},
+        }
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        path = ckpt.save_atomic(self.state_dict(), self.out_dir / f"checkpoint-{self.step}.pt")
+        ckpt.prune(self.out_dir, self.cfg.train.keep_checkpoints)
+        log.info("saved %s", path)
+        return path
+
+    def resume(self, where: str) -> None:
+        path = ckpt.find_resume(self.out_dir) if where == "auto" else Path(where)
+        if path is None:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", self.out_dir)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_cfg = from_dict(state["config"])
+        if to_dict(saved_cfg)["model"] != to_dict(self.cfg)["model"]:
+            log.warning("resuming %s saved with a different model config", path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        ckpt.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def setup_logging(rank: int = 0) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

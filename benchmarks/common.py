@@ -1,0 +1,80 @@
+"""Shared benchmark harness: machine/commit/date stamp, GEMM peak, median and spread, CSV rows."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()  # fmt: skip
+        commit = (commit or "unknown") + ("-dirty" if dirty else "")
+    except OSError:
+        commit = "unknown"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "machine": f"{platform.node()} | {cpu} | {os.cpu_count()} cpus",
+        "torch": torch.__version__,
+    }
+
+
+def gemm_peak_gflops(sizes=((2048, 2048, 2048), (4096, 1024, 4096), (3136, 768, 3072)), reps: int = 5) -> float:
+    """fp32 GEMM peak of this process's threads: the best rate over a few large shapes."""
+    import torch
+
+    best = 0.0
+    for m, k, n in sizes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b  # warm-up
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def median_spread(times: list[float]) -> tuple[float, float]:
+    """Median, and spread as (max - min) / 2."""
+    return statistics.median(times), (max(times) - min(times)) / 2
+
+
+def append_csv(path: str | Path, row: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    if not new:
+        with open(path) as f:
+            header = next(csv.reader(f), [])
+        if header != list(row):  # schema changed: start a new file beside the old one
+            path = path.with_name(path.stem + f"-{len(row)}cols.csv")
+            new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)

@@ -1,0 +1,126 @@
+"""Time one full training step (teacher forward, student forward, all losses, backward, optimizer step).
+
+    python benchmarks/step.py                 # the paper's video config and the image config
+    python benchmarks/step.py --case video --steps 8
+
+Each case runs in a fresh subprocess (so its peak RSS is its own) that first measures the machine's
+fp32 GEMM peak, then builds the models from the preset (random weights: speed does not depend on
+them), and times `Trainer.train_step`, the code path training runs. Reported: median s/step and
+spread, clips/s, model GFLOP per step (analytic, amd_fast/flops.py: teacher forward once, student
+forward + backward as three forwards), achieved GFLOP/s, MFU against the GEMM peak measured in the
+same process, and peak RSS. One CSV row per case is appended to benchmarks/results/step.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import append_csv, gemm_peak_gflops, machine_info, median_spread  # noqa: E402
+
+CASES = {
+    # the paper's video config: ViT-B teacher, ViT-S student, 16x224x224, tubelet 2, rho_s .9, rho_t .75, batch 2
+    "video": ("configs/video_vitb_to_vits_amd.yaml", ["data.batch_size=2"]),
+    "image": ("configs/image_vitb_to_vits_amd.yaml", ["data.batch_size=8"]),
+}
+
+
+def run_case(name: str, steps: int, warmup: int, threads: int, overrides: list[str]) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from amd_fast.config import load_config
+    from amd_fast.device import peak_memory_bytes
+    from amd_fast.masks import collate_masks
+    from amd_fast.models.vit import build_encoder
+    from amd_fast.objectives import FrozenTeacher
+    from amd_fast.trainer import Trainer
+
+    peak = gemm_peak_gflops()
+    preset, extra = CASES[name]
+    cfg = load_config(ROOT / preset, extra + overrides + [f"train.output_dir=/tmp/amd_fast_bench_{name}"])
+    device = torch.device("cpu")
+    d = cfg.data
+    teacher = None
+    if cfg.objective.name in ("amd", "dmae"):
+        enc = build_encoder(cfg.teacher.model, img_size=d.input_size, num_frames=d.num_frames)
+        teacher = FrozenTeacher(enc, cfg.objective.teacher_layers, torch.float32)
+    trainer = Trainer(cfg, device, teacher=teacher, with_data=False)
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        b = collate_masks([trainer.masks(g) for _ in range(d.batch_size)])
+        b["video"] = torch.randn(d.batch_size, 3, d.num_frames, d.input_size, d.input_size, generator=g)
+        return b
+
+    times = []
+    for i in range(warmup + steps):
+        micro = [batch() for _ in range(cfg.optim.accum_steps)]
+        t0 = time.perf_counter()
+        trainer.train_step(micro)
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    med, spread = median_spread(times)
+    gflop = trainer.flops.total * cfg.optim.accum_steps / 1e9
+    clips = d.batch_size * cfg.optim.accum_steps
+    return {
+        "case": name,
+        "preset": preset,
+        "batch": clips,
+        "threads": threads,
+        "s_per_step": med,
+        "spread": spread,
+        "clips_per_s": clips / med,
+        "gflop_per_step": gflop,
+        "teacher_gflop": trainer.flops.teacher * cfg.optim.accum_steps / 1e9,
+        "gflops_per_s": gflop / med,
+        "gemm_peak_gflops": peak,
+        "mfu": gflop / med / peak,
+        "peak_rss_gib": peak_memory_bytes(device) / 2**30,
+        "attn_backend": trainer.model.encoder.attn_backend,
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", choices=[*CASES, "all"], default="all")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "step.csv"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="config overrides applied to every case")
+    args = p.parse_args()
+
+    if args.child:  # one case, result as JSON on the last line
+        print(json.dumps(run_case(args.case, args.steps, args.warmup, args.threads, args.overrides)))
+        return
+    names = list(CASES) if args.case == "all" else [args.case]
+    info = machine_info()
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", "--case", name, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads), *args.overrides]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=ROOT)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        print(
+            f"{name}: {res['s_per_step']:.3f} s/step (spread {res['spread']:.3f}), {res['clips_per_s']:.2f} clips/s, "
+            f"{res['gflop_per_step']:.1f} GFLOP/step (teacher {res['teacher_gflop']:.1f}), "
+            f"{res['gflops_per_s']:.1f} GFLOP/s, GEMM peak {res['gemm_peak_gflops']:.1f} GFLOP/s, "
+            f"MFU {res['mfu']:.3f}, peak RSS {res['peak_rss_gib']:.2f} GiB"
+        )
+        append_csv(args.csv, {**info, **res, "overrides": " ".join(args.overrides)})
+    print(f"appended to {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

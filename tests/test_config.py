@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+
+from amd_fast.config import ConfigError, load_config
+
+PRESETS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert cfg.objective.name in ("amd", "dmae", "mae")
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["data.batch_size=3", "optim.base_lr=2e-4", "objective.student_layers=[2, 4]",
+                             "--train.tensorboard=false", "teacher.model.arch=vit_large"])  # fmt: skip
+    assert cfg.data.batch_size == 3
+    assert cfg.optim.base_lr == 2e-4
+    assert cfg.objective.student_layers == [2, 4]
+    assert cfg.train.tensorboard is False
+    assert cfg.teacher.model.arch == "vit_large"
+
+
+def test_unknown_field_names_field_and_allowed_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.lr=1e-3"])
+    assert "optim.lr" in str(e.value) and "base_lr" in str(e.value)
+    with pytest.raises(ConfigError, match="unknown field 'trainer'"):
+        load_config(None, ["trainer.steps=3"])
+
+
+def test_wrong_value_names_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["objective.name=byol"])
+    msg = str(e.value)
+    assert "objective.name" in msg and "'amd'" in msg and "'dmae'" in msg and "'mae'" in msg
+    with pytest.raises(ConfigError, match="data.batch_size must be an integer"):
+        load_config(None, ["data.batch_size=four"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="teacher_ratio"):
+        load_config(None, ["mask.student_ratio=0.5", "mask.teacher_ratio=0.75"])
+    with pytest.raises(ConfigError, match="student_layers"):
+        load_config(None, ["objective.student_layers=[6]"])
