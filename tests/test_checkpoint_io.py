@@ -452,7 +452,10 @@ def test_wrong_width_raises_with_both_shapes():
 
 
 def test_wrong_decoder_width_raises_with_hint():
-    with pytest.raises(ValueError, match=r"\[16, 32\].*\[32, 32\].*decoder.embed_dim"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint shape \[.*16\] vs model \[.*32\].*decoder width 16 vs model 32: set decoder.embed_dim",
+    ):
         load_pretrain(amd_model(dec_dim=32), amd_pretrain_file(dec_dim=16))
 
 

@@ -95,7 +95,8 @@ def _group(keys: list[str], leaf: bool = False) -> str:
         pat = re.sub(r"(?<=\.)\d+(?=\.|$)", "#", key)
         if not leaf:
             m = re.match(r"(.*?blocks\.#)\.", pat)
-            pat = m.group(1) + ".*" if m else (pat.rsplit(".", 1)[0] + ".*" if "." in pat else pat)
+            parent = pat.rpartition(".")[0]
+            pat = m.group(1) + ".*" if m else (parent + ".*" if parent and not parent.endswith("#") else pat)
         counts[pat] += 1
     return ", ".join(f"{p} ({n})" if n > 1 else p for p, n in counts.items())
 
@@ -235,7 +236,7 @@ def _encoder_hints(cfg: dict, enc: VisionTransformer) -> list[str]:
         hints.append(f"{kind} has tubelet {cfg['tubelet_size']} vs model {enc.tubelet_size}: set model.tubelet_size")
     if cfg["in_chans"] != enc.patch_embed.proj.in_channels:
         hints.append(f"checkpoint takes {cfg['in_chans']} input channels vs model {enc.patch_embed.proj.in_channels}")
-    if cfg["mlp_ratio"] is not None and hidden and round(cfg["mlp_ratio"] * cfg["embed_dim"]) != hidden:
+    if cfg["mlp_ratio"] is not None and hidden and abs(cfg["mlp_ratio"] - hidden / enc.embed_dim) > 1e-6:
         hints.append(
             f"checkpoint MLP ratio {cfg['mlp_ratio']:g} vs model {hidden / enc.embed_dim:g}: set model.mlp_ratio"
         )
