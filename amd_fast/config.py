@@ -55,7 +55,10 @@ class TeacherConfig:
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="vit_base"))
     checkpoint: str = ""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fastest the device has
+    # auto: the fastest exact-enough precision the device has (bf16 on CUDA, fp32 on CPUs without AMX).
+    # int8 CHANGES THE MATH: dynamic int8 quantization of the teacher's linears (CPU, VNNI), ~2x faster teacher
+    # forward with a small target error (benchmarks/mask_sweep.py reports it).
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
     # Used only when `checkpoint` is empty: the `mae` run that makes the teacher.
     pretrain_steps: int = 0
     pretrain_decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(embed_dim=192, depth=2, num_heads=3))
@@ -125,6 +128,8 @@ class TrainConfig:
     autocast: Literal["auto", "off", "bfloat16", "float16"] = "auto"
     tensorboard: bool = True
     progress: bool = True
+    # malloc for the process (re-exec with LD_PRELOAD): auto = the best measured one that is installed
+    allocator: Literal["auto", "default", "jemalloc", "tcmalloc"] = "auto"
 
 
 @dataclass

@@ -16,8 +16,21 @@ from amd_fast.models.vit import flops_block
 
 @dataclass
 class StepFlops:
+    """Forward FLOPs per phase for one micro-batch; the student's backward counts as two forwards."""
+
     teacher: float
-    student_forward: float
+    encoder: float
+    heads: float  # projection heads P_k
+    generators: float
+    decoder: float
+
+    @property
+    def student_forward(self) -> float:
+        return self.encoder + self.heads + self.generators + self.decoder
+
+    @property
+    def backward(self) -> float:
+        return 2 * self.student_forward
 
     @property
     def total(self) -> float:
@@ -36,18 +49,19 @@ def step_flops(model, teacher, counts: dict[str, int], objective: str, batch_siz
     d = enc.embed_dim
     dec = model.decoder
     d_dec = dec.head.in_features
-    s = _encoder(v_s + enc.num_prefix, d, enc.depth, k_in, enc.blocks[0].mlp.fc1.out_features / d)
-    s += 2.0 * v_s * d * d_dec  # encoder_to_decoder
-    s += len(dec.blocks) * flops_block(v_s + m, v_s + m, d_dec) + 2.0 * m * d_dec * dec.head.out_features
-    t = 0.0
+    encoder = _encoder(v_s + enc.num_prefix, d, enc.depth, k_in, enc.blocks[0].mlp.fc1.out_features / d)
+    decoder = 2.0 * v_s * d * d_dec  # encoder_to_decoder
+    decoder += len(dec.blocks) * flops_block(v_s + m, v_s + m, d_dec) + 2.0 * m * d_dec * dec.head.out_features
+    t = heads = gen = 0.0
     if teacher is not None:
         te = teacher.encoder
         d_t = te.embed_dim
         n_t = (v_s + dl if objective == "amd" else v_s) + te.num_prefix
         t = _encoder(n_t, d_t, max(teacher.layers), k_in, te.blocks[0].mlp.fc1.out_features / d_t)
         n_pairs = len(teacher.layers)
-        s += n_pairs * 2.0 * v_s * d * d_t  # projection heads
+        heads = n_pairs * 2.0 * v_s * d * d_t
         if model.generators is not None:
             g_depth = len(model.generators[0].blocks)
-            s += n_pairs * g_depth * flops_block(v_s + dl, v_s + dl, d_t)
-    return StepFlops(teacher=t * batch_size, student_forward=s * batch_size)
+            gen = n_pairs * g_depth * flops_block(v_s + dl, v_s + dl, d_t)
+    b = batch_size
+    return StepFlops(teacher=t * b, encoder=encoder * b, heads=heads * b, generators=gen * b, decoder=decoder * b)

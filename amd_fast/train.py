@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 
 from amd_fast.build import teacher_pretrain_config  # noqa: E402
 from amd_fast.config import ConfigError, load_config  # noqa: E402
+from amd_fast.launch import ensure_allocator  # noqa: E402
 from amd_fast.trainer import Trainer, setup_logging  # noqa: E402
 
 log = logging.getLogger("amd_fast.train")
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if argv is None:  # a real command line (not a call from Python): it may be re-executed once, with LD_PRELOAD
+        ensure_allocator(cfg.train.allocator)
     if cfg.objective.name in ("amd", "dmae") and not cfg.teacher.checkpoint:
         if cfg.teacher.pretrain_steps <= 0:
             print("config error: teacher.checkpoint is empty and teacher.pretrain_steps=0; give a teacher "

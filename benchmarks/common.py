@@ -63,6 +63,16 @@ def median_spread(times: list[float]) -> tuple[float, float]:
     return statistics.median(times), (max(times) - min(times)) / 2
 
 
+def run_child(cmd: list[str], env: dict, cwd=None) -> dict:
+    """Run a benchmark child process; its last stdout line is a JSON result. On failure, show its stderr."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({out.returncode}): {' '.join(cmd)}\n{out.stderr[-4000:]}")
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def append_csv(path: str | Path, row: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ same process, and peak RSS. One CSV row per case is appended to benchmarks/resul
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_csv, gemm_peak_gflops, machine_info, median_spread  # noqa: E402
+from amd_fast.launch import ALLOCATORS, allocator_in_use  # noqa: E402
+from benchmarks.common import append_csv, gemm_peak_gflops, machine_info, median_spread, run_child  # noqa: E402
 
 CASES = {
     # the paper's video config: ViT-B teacher, ViT-S student, 16x224x224, tubelet 2, rho_s .9, rho_t .75, batch 2
@@ -100,6 +101,11 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "step.csv"))
+    p.add_argument(
+        "--allocators", nargs="+", default=["default"], choices=["default", *ALLOCATORS],
+        help="run each case under these malloc implementations (LD_PRELOAD), interleaved",
+    )  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1, help="run the whole set this many times, interleaved")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides applied to every case")
     args = p.parse_args()
@@ -109,14 +115,20 @@ def main():
         return
     names = list(CASES) if args.case == "all" else [args.case]
     info = machine_info()
-    for name in names:
+    for _, name, alloc in itertools.product(range(args.repeat), names, args.allocators):
         cmd = [sys.executable, __file__, "--child", "--case", name, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--threads", str(args.threads), *args.overrides]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=ROOT)
-        res = json.loads(out.stdout.strip().splitlines()[-1])
+        env.pop("LD_PRELOAD", None)
+        if alloc != "default":
+            env["LD_PRELOAD"] = ALLOCATORS[alloc]
+        else:
+            alloc = allocator_in_use()
+        res = run_child(cmd, env, cwd=ROOT)
+        res["allocator"] = alloc
         print(
-            f"{name}: {res['s_per_step']:.3f} s/step (spread {res['spread']:.3f}), {res['clips_per_s']:.2f} clips/s, "
+            f"{name} [{alloc}]: {res['s_per_step']:.3f} s/step (spread {res['spread']:.3f}), "
+            f"{res['clips_per_s']:.2f} clips/s, "
             f"{res['gflop_per_step']:.1f} GFLOP/step (teacher {res['teacher_gflop']:.1f}), "
             f"{res['gflops_per_s']:.1f} GFLOP/s, GEMM peak {res['gemm_peak_gflops']:.1f} GFLOP/s, "
             f"MFU {res['mfu']:.3f}, peak RSS {res['peak_rss_gib']:.2f} GiB"

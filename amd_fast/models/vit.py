@@ -86,14 +86,18 @@ class Attention(nn.Module):
         """keep_last: only the last `keep_last` rows are queried (the rows a caller reads afterwards)."""
         B, N, D = x_BND.shape
         H = self.num_heads
-        w = self.qkv.weight
         if keep_last is None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-            qkv = F.linear(x_BND, w, bias).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+            if isinstance(self.qkv, nn.Linear):
+                qkv = F.linear(x_BND, self.qkv.weight, bias)  # bias fused into the GEMM
+            else:  # an int8 dynamically quantized teacher: the module runs its own kernel
+                qkv = self.qkv(x_BND) + bias
+            qkv = qkv.view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)  # [B, H, N, hd] each
             Nq = N
         else:
             Nq = keep_last
+            w = self.qkv.weight
             q = F.linear(x_BND[:, N - Nq :], w[:D], self.q_bias).view(B, Nq, H, D // H).transpose(1, 2)
             kv_bias = torch.cat((torch.zeros_like(self.v_bias), self.v_bias))
             kv = F.linear(x_BND, w[D:], kv_bias).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)
