@@ -87,17 +87,27 @@ class ObjectiveConfig:
     dmae_distance: Literal["l1", "l2"] = "l1"
     dmae_head: Literal["linear", "mlp"] = "linear"
     norm_pix_loss: bool = True  # per-patch standardized targets, as VideoMAE
+    # amd_fast.kernels backend for the gathers and the fused alignment loss: auto (Triton on CUDA, the fastest
+    # CPU twin on CPU), or forced; `reference` is plain PyTorch (kernels off)
+    kernels: Literal["auto", "reference", "chunked", "compiled", "native", "triton"] = "auto"
 
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion_mnist", "moving_fashion_mnist"] = "moving_fashion_mnist"
+    # video_list: files named in list_file; image_folder: root/<class>/<image> (see amd_fast/data/lists.py)
+    dataset: Literal["fashion_mnist", "moving_fashion_mnist", "video_list", "image_folder"] = "moving_fashion_mnist"
     root: str = "/usr/share/datasets/fashion-mnist"
     input_size: int = 224
     num_frames: int = 16
-    batch_size: int = 8  # per-rank micro-batch
+    batch_size: int = 8  # per-rank micro-batch, in clips (with num_sample k: batch_size / k files, k clips each)
     num_workers: int = 1
-    size: int = 0  # 0: the whole split
+    size: int = 0  # 0: the whole split / list
+    list_file: str = ""  # video_list: "path [label]" / "path start end label" lines, space- or comma-separated
+    prefix: str = ""  # video_list: joined to relative paths ("": the list file's folder)
+    sampling: Literal["dense", "segments"] = "dense"  # dense: T frames at frame_stride; segments: TSN (SSv2)
+    frame_stride: int = 4  # [4 Kinetics, 2 SSv2-like motion data] (METHOD.md section 6)
+    num_sample: int = 1  # repeated augmentation: k crops + masks per decoded clip [4 in the references]
+    decoder: Literal["auto", "torchcodec", "decord", "pyav", "dali"] = "auto"  # auto: torchcodec > decord > pyav
 
 
 @dataclass
@@ -133,6 +143,18 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    """Data parallelism (amd_fast/engine.py). One plain process unless launched on several ranks by
+    `deepspeed` or `torchrun` (WORLD_SIZE > 1), which selects DeepSpeed."""
+
+    engine: Literal["auto", "local", "deepspeed"] = "auto"  # auto: deepspeed when WORLD_SIZE > 1
+    # a name in configs/deepspeed/ (zero0..zero3, zero2_offload, zero2_bf16, zero3_bf16) or a path to a JSON;
+    # its batch size, accumulation and clipping keys are filled from data/optim (a disagreement is an error)
+    deepspeed_config: str = "zero2"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -142,6 +164,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,10 +290,31 @@ def validate(cfg: Config) -> None:
                 )
     if cfg.optim.accum_steps < 1:
         raise ConfigError(f"optim.accum_steps={cfg.optim.accum_steps} must be >= 1")
+    if not cfg.dist.deepspeed_config:
+        raise ConfigError("dist.deepspeed_config is empty: give a name in configs/deepspeed/ (e.g. zero2) or a path")
     if cfg.data.dataset == "fashion_mnist" and (cfg.data.num_frames != 1 or cfg.model.tubelet_size != 1):
         # the teacher's tubelet is checked against the student's above
         raise ConfigError(
             f"data.dataset=fashion_mnist is an image dataset: data.num_frames={cfg.data.num_frames} and "
+            f"model.tubelet_size={cfg.model.tubelet_size} must both be 1"
+        )
+
+
+    d = cfg.data
+    if d.dataset == "video_list" and not d.list_file:
+        raise ConfigError("data.dataset=video_list needs data.list_file (a 'path label' list of video files)")
+    if d.frame_stride < 1:
+        raise ConfigError(f"data.frame_stride={d.frame_stride} must be >= 1")
+    if d.num_sample < 1 or d.batch_size % d.num_sample:
+        raise ConfigError(
+            f"data.num_sample={d.num_sample} must be >= 1 and divide data.batch_size={d.batch_size} "
+            "(the batch counts clips: batch_size / num_sample files, num_sample clips of each)"
+        )
+    if d.num_sample > 1 and d.dataset not in ("video_list", "image_folder"):
+        raise ConfigError(f"data.num_sample={d.num_sample} needs data.dataset=video_list or image_folder")
+    if d.dataset == "image_folder" and (d.num_frames != 1 or cfg.model.tubelet_size != 1):
+        raise ConfigError(
+            f"data.dataset=image_folder is an image dataset: data.num_frames={d.num_frames} and "
             f"model.tubelet_size={cfg.model.tubelet_size} must both be 1"
         )
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from amd_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from amd_fast.models.pretrain import PretrainModel
 from amd_fast.models.vit import VisionTransformer, patchify
+from amd_fast.ops import _kernels as kernels
 from amd_fast.ops import gather_tokens
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,20 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> tor
     raise ValueError(f"distance {kind!r} is unknown; allowed: mse, l1, smooth_l1")
 
 
-def alignment_loss(h_BVD: torch.Tensor, head: nn.Module, target_BVT: torch.Tensor, kind: str, l2_norm: bool = False):
-    """distance(head(h), target), optionally with both sides L2-normalized per token (DMAE).
-    Returns (loss, projected). The kernels issue fuses this op; this is its reference."""
+def alignment_loss(
+    h_BVD: torch.Tensor, head: nn.Module, target_BVT: torch.Tensor, kind: str, l2_norm: bool = False,
+    need_z: bool = True,
+):  # fmt: skip
+    """distance(head(h), target), optionally with both sides L2-normalized per token (DMAE) -> (loss, z).
+
+    A linear head runs the fused op (amd_fast.kernels.fused_alignment_loss): with need_z=False (no one
+    reads the projection) it is chunked over tokens and never materializes z, returning (loss, None).
+    Other heads (DMAE's MLP) run the reference below."""
+    if isinstance(head, nn.Linear):
+        norm = "l2" if l2_norm else "none"
+        out = kernels.fused_alignment_loss(h_BVD, head.weight, head.bias, target_BVT, pred_norm=norm,
+                                           target_norm=norm, distance=kind, return_z=need_z)  # fmt: skip
+        return out if need_z else (out, None)
     z = head(h_BVD)
     if l2_norm:
         return distance(F.normalize(z, dim=-1), F.normalize(target_BVT, dim=-1), kind), z
@@ -92,6 +104,7 @@ class MAEObjective:
 
     def __init__(self, model: PretrainModel, cfg, teacher: FrozenTeacher | None = None):
         self.model, self.cfg, self.teacher = model, cfg, teacher
+        kernels.select(getattr(cfg, "kernels", "auto"))  # process-wide: the models' gathers dispatch through it
         self.student_layers = tuple(cfg.student_layers) if teacher is not None else ()
 
     def encode(self, batch):
@@ -129,14 +142,16 @@ class AMDObjective(MAEObjective):
         l_rec = self.reconstruction(patches, x, batch)
         heads = self.model.encoder.projection_heads
         l_dir = l_gen = 0.0
+        has_gen = self.model.generators is not None  # without generators nothing reads P_k h_k: loss-only op
         for k, (ls, lt) in enumerate(zip(self.cfg.student_layers, self.cfg.teacher_layers)):
             t = t_feats[lt]
-            d, z = alignment_loss(feats[ls], heads[k], t[:, :v_s], self.cfg.distance)
-            g = self.model.forward_generator(k, z, ids_s, ids_d)
+            d, z = alignment_loss(feats[ls], heads[k], t[:, :v_s], self.cfg.distance, need_z=has_gen)
             l_dir = l_dir + d
-            l_gen = l_gen + distance(g, t[:, v_s:], self.cfg.distance)
+            if has_gen:
+                g = self.model.forward_generator(k, z, ids_s, ids_d)
+                l_gen = l_gen + distance(g, t[:, v_s:], self.cfg.distance)
         n = len(self.cfg.student_layers)
-        l_dir, l_gen = l_dir / n, l_gen / n
+        l_dir, l_gen = l_dir / n, torch.as_tensor(l_gen / n, dtype=l_dir.dtype)
         loss = self.cfg.w_rec * l_rec + self.cfg.w_dir * l_dir + self.cfg.w_gen * l_gen
         return loss, {"rec": l_rec.detach(), "dir": l_dir.detach(), "gen": l_gen.detach()}
 
@@ -155,7 +170,7 @@ class DMAEObjective(MAEObjective):
         kind = "l1" if self.cfg.dmae_distance == "l1" else "mse"
         l_dist = 0.0
         for k, (ls, lt) in enumerate(zip(self.cfg.student_layers, self.cfg.teacher_layers)):
-            d, _ = alignment_loss(feats[ls], heads[k], t_feats[lt], kind, l2_norm=True)
+            d, _ = alignment_loss(feats[ls], heads[k], t_feats[lt], kind, l2_norm=True, need_z=False)
             l_dist = l_dist + d
         l_dist = l_dist / len(self.cfg.student_layers)
         loss = self.cfg.w_rec * l_rec + self.cfg.w_dir * l_dist

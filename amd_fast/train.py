@@ -5,7 +5,11 @@
 With `amd` / `dmae` and no `teacher.checkpoint`, a teacher is first pre-trained with `mae` on the
 same data (teacher.pretrain_steps steps, under <output_dir>/teacher), then the student is distilled
 from it. Out of memory? Lower `data.batch_size` and raise `optim.accum_steps` (the global batch, and
-so the learning rate, stay the same).
+so the learning rate, stay the same), or shard with DeepSpeed ZeRO across ranks:
+
+    deepspeed --num_gpus 8 amd_fast/train.py --config ... dist.deepspeed_config=zero2_bf16
+    torchrun --nproc_per_node 8 amd_fast/train.py --config ...
+    DS_ACCELERATOR=cpu deepspeed --num_accelerators 2 amd_fast/train.py --config ...   # CPU ranks, gloo
 """
 
 from __future__ import annotations
@@ -15,11 +19,15 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 if __package__ in (None, ""):  # run as a script: make the package importable from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amd_fast.build import teacher_pretrain_config  # noqa: E402
 from amd_fast.config import ConfigError, load_config  # noqa: E402
+from amd_fast.engine import dist_env, is_ds_checkpoint  # noqa: E402
+from amd_fast.export import export_student  # noqa: E402
 from amd_fast.launch import ensure_allocator  # noqa: E402
 from amd_fast.trainer import Trainer, setup_logging  # noqa: E402
 
@@ -30,6 +38,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="a preset in configs/ (default: the built-in tiny AMD job)")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in output_dir) or a path")
+    # the `deepspeed` launcher passes --local_rank; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=4 train.steps=100")
     return p.parse_args(argv)
 
@@ -39,7 +49,9 @@ DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "tiny_video_a
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    # Launched by `deepspeed` or `torchrun`: one process per rank, told its place by environment variables.
+    rank, world_size, local_rank = dist_env()
+    setup_logging(rank)
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
@@ -50,15 +62,27 @@ def main(argv=None) -> int:
         return 2
     if argv is None:  # a real command line (not a call from Python): it may be re-executed once, with LD_PRELOAD
         ensure_allocator(cfg.train.allocator)
+    device = None
+    if world_size > 1 and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if cfg.objective.name in ("amd", "dmae") and not cfg.teacher.checkpoint:
         if cfg.teacher.pretrain_steps <= 0:
             print("config error: teacher.checkpoint is empty and teacher.pretrain_steps=0; give a teacher "
                   "checkpoint or a number of mae steps to pre-train one", file=sys.stderr)  # fmt: skip
             return 2
         log.info("no teacher.checkpoint: pre-training a teacher with mae for %d steps", cfg.teacher.pretrain_steps)
-        teacher_path = Trainer(teacher_pretrain_config(cfg)).train()
+        teacher_trainer = Trainer(teacher_pretrain_config(cfg), device, rank, world_size)
+        teacher_path = teacher_trainer.train()
+        if is_ds_checkpoint(teacher_path):  # sharded: the teacher loader reads one file
+            exported = teacher_path.with_name(teacher_path.name.replace("checkpoint-", "student-") + ".pt")
+            if rank == 0:
+                export_student(teacher_path, exported)
+            teacher_trainer.engine.barrier()
+            teacher_path = exported
+        del teacher_trainer  # its engine's memory is freed before the student's is built
         cfg.teacher.checkpoint = str(teacher_path)
-    Trainer(cfg).train()
+    Trainer(cfg, device, rank, world_size).train()
     return 0
 
 

@@ -1,7 +1,8 @@
 """The training loop: `Trainer.train()` -> `train_step()` -> `forward_backward()`.
 
-Everything the loop needs is built here from the config sections; parallelism (the DeepSpeed issue)
-wraps the model from outside through `self.model`, `self.optimizer` and `self.sampler`.
+Everything the loop needs is built here from the config sections; parallelism is applied from outside by
+`self.engine` (amd_fast/engine.py: one plain process, or DeepSpeed ZeRO over the student only), which owns
+backward, clipping, the optimizer step, metric reduction across ranks and checkpoint I/O.
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ from torch.utils.data import DataLoader
 from amd_fast import checkpoint as ckpt
 from amd_fast.build import build_mask_generator, build_objective, build_student, build_teacher
 from amd_fast.config import Config, from_dict, to_dict
-from amd_fast.data import EpochSampler, build_dataset
+from amd_fast.data import EpochSampler, FileClips, SkipLog, build_dataset, collate_clips, file_worker_init
 from amd_fast.device import autocast_dtype, default_device, peak_memory_bytes
+from amd_fast.engine import (
+    DeepSpeedEngine,
+    LocalEngine,
+    consolidate,
+    find_resume,
+    is_ds_checkpoint,
+    uses_deepspeed,
+)
 from amd_fast.flops import step_flops
 from amd_fast.optim import build_optimizer, lr_at, scaled_lrs
 
@@ -72,7 +81,7 @@ class Trainer:
         self.objective = build_objective(cfg.objective, self.model, self.teacher)
         self.masks = build_mask_generator(cfg.mask, cfg.objective.name, self.model.encoder.grid)
 
-        self.dataset = self.sampler = None
+        self.dataset = self.sampler = self.skips = None
         self.batches_per_epoch = 0
         if with_data:
             self._build_data()
@@ -80,6 +89,15 @@ class Trainer:
         self.global_batch = d.batch_size * cfg.optim.accum_steps * world_size
         self.lr, self.min_lr, self.warmup_lr = scaled_lrs(cfg.optim, self.global_batch)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.lr, self.device)
+        o = cfg.optim
+        if uses_deepspeed(cfg.dist, world_size):
+            # only the student goes into the engine; the teacher stays outside, replicated on every rank
+            self.engine = DeepSpeedEngine(
+                cfg.dist, self.model, self.optimizer, self.device,
+                micro_batch=d.batch_size, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
+            )  # fmt: skip
+        else:
+            self.engine = LocalEngine(self.model, self.optimizer, accum_steps=o.accum_steps, clip_grad=o.clip_grad)
         self.autocast = autocast_dtype(t.autocast, self.device)
         self.step = 0
         self.nonfinite_total = 0
@@ -106,25 +124,33 @@ class Trainer:
         # so augmentation and masks differ per rank and do not depend on the number of ranks.
         self.dataset = build_dataset(
             d.dataset, root=d.root, split="train", input_size=d.input_size, num_frames=d.num_frames,
-            seed=t.seed, train=True, mask_fn=self.masks, size=d.size,
+            seed=t.seed, train=True, mask_fn=self.masks, size=d.size, list_file=d.list_file, prefix=d.prefix,
+            sampling=d.sampling, frame_stride=d.frame_stride, num_sample=d.num_sample, decoder=d.decoder,
         )  # fmt: skip
+        # File datasets: each loader item is one decoded file giving num_sample clips; data.batch_size counts
+        # clips (as the references' batch_size * num_sample), so the loader batches batch_size / num_sample files.
+        self.files_per_batch = d.batch_size // d.num_sample
+        self.skips = SkipLog(self.dataset.describe) if isinstance(self.dataset, FileClips) else None
         self.sampler = EpochSampler(len(self.dataset), seed=t.seed, rank=self.rank, world_size=self.world_size)
-        self.batches_per_epoch = self.sampler.num_per_rank // d.batch_size
+        self.batches_per_epoch = self.sampler.num_per_rank // self.files_per_batch
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"data.batch_size={d.batch_size} is larger than this rank's share of the dataset "
                 f"({self.sampler.num_per_rank} samples)"
             )
 
-    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+    def _loader(self, epoch: int, start_batch: int):
         self.sampler.set_epoch(epoch)
-        self.sampler.set_start(start_batch * self.cfg.data.batch_size)
+        self.sampler.set_start(start_batch * self.files_per_batch)
         nw = self.cfg.data.num_workers
-        return DataLoader(
-            self.dataset, batch_size=self.cfg.data.batch_size, sampler=self.sampler, num_workers=nw,
-            drop_last=True, worker_init_fn=_worker_init if nw else None, persistent_workers=False,
-            prefetch_factor=4 if nw else None,
+        init = file_worker_init if self.skips is not None else _worker_init
+        loader = DataLoader(
+            self.dataset, batch_size=self.files_per_batch, sampler=self.sampler, num_workers=nw,
+            drop_last=True, worker_init_fn=init if nw else None, persistent_workers=False,
+            prefetch_factor=4 if nw else None, collate_fn=collate_clips if self.skips is not None else None,
         )  # fmt: skip
+        # Skipped files ride along with the batches from the workers; SkipLog strips, logs and counts them here.
+        return loader if self.skips is None else self.skips.track(loader, epoch)
 
     def batches(self):
         """Micro-batches forever, starting where `self.step` says (mid-epoch resume loads no skipped data)."""
@@ -141,15 +167,14 @@ class Trainer:
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with ctx:
-            loss, parts = self.objective(batch)
-        (loss / self.cfg.optim.accum_steps).backward()
+            loss, parts = self.engine.forward(self.objective, batch)
+        self.engine.backward(loss)
         return loss.detach(), parts
 
     def train_step(self, micro_batches) -> dict[str, torch.Tensor] | None:
         """One optimizer step over `accum_steps` micro-batches. Returns detached loss parts, or None if skipped."""
         lr = lr_at(self.step, self.cfg.train.steps, self.cfg.train.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        self.engine.set_lr(lr)
         total, sums = None, {}
         for batch in micro_batches:
             loss, parts = self.forward_backward(batch)
@@ -157,16 +182,9 @@ class Trainer:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v
         n = len(micro_batches)
-        check = total
-        if self.cfg.optim.clip_grad > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad, foreach=True)
-            check = check + norm
-        # Host sync, once per optimizer step: the step must be skipped when the loss or the gradients are
-        # not finite. (Free on CPU; one sync per step on CUDA, as the references' loss.item().)
-        finite = bool(torch.isfinite(check))
+        finite = self.engine.step(total)  # clip, step; skipped if the loss or the gradient norm is not finite
         self.step += 1
         if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_total += 1
             self.nonfinite_in_row += 1
             log.warning(
@@ -180,8 +198,6 @@ class Trainer:
                 )
             return None
         self.nonfinite_in_row = 0
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         out = {"loss": total / n, **{k: v / n for k, v in sums.items()}, "lr": torch.tensor(lr)}
         return out
 
@@ -192,7 +208,7 @@ class Trainer:
         t = self.cfg.train
         if self.step >= t.steps:
             log.info("nothing to do: step %d >= train.steps %d", self.step, t.steps)
-            return ckpt.find_resume(self.out_dir)
+            return find_resume(self.out_dir)
         writer = self._tb_writer() if self.rank == 0 and t.tensorboard else None
         metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = self._progress_bar()
@@ -232,16 +248,17 @@ class Trainer:
         steps = window["steps"]
         clips = steps * self.cfg.data.batch_size * self.cfg.optim.accum_steps * self.world_size
         rec = {"step": self.step}
-        # .item() here only: one host sync per log interval
-        rec.update({k: float(v) / window["n"] for k, v in window["sums"].items()} if window["n"] else {})
+        rec.update(self.engine.reduce_metrics(window["sums"], window["n"]))  # the one host sync of the interval
         rec.update(
             clips_per_s=clips / dt,
             tokens_per_s=clips * self.model.encoder.num_patches / dt,
             gflops_per_s=steps * self.cfg.optim.accum_steps * self.flops.total / dt / 1e9,
             data_wait=window["data"] / dt,
-            peak_mem_gib=peak_memory_bytes(self.device) / 2**30,
+            peak_mem_gib=self.engine.peak_memory_max(peak_memory_bytes(self.device)) / 2**30,  # max over ranks
             skipped=self.nonfinite_total,
         )
+        if self.skips is not None:
+            rec["bad_files"] = self.skips.total
         parts = " ".join(f"{k} {rec[k]:.4f}" for k in ("rec", "dir", "gen", "dist") if k in rec)
         msg = (
             f"step {self.step}/{self.cfg.train.steps} | loss {rec.get('loss', float('nan')):.4f} ({parts}) | "
@@ -249,10 +266,14 @@ class Trainer:
             f"{rec['gflops_per_s']:.0f} GFLOP/s | data wait {100 * rec['data_wait']:.0f}% | "
             f"peak mem {rec['peak_mem_gib']:.2f} GiB"
         )
+        if self.skips is not None and self.skips.total:
+            msg += f" | {self.skips.total} bad files skipped"
         if bar is not None:
             bar.write(msg)
         else:
             log.info(msg)
+        if self.skips is not None and self.step == self.cfg.train.steps:
+            log.info("run data summary: %s", self.skips.summary())
         if metrics_file is not None:
             metrics_file.write(json.dumps(rec) + "\n")
             metrics_file.flush()
@@ -291,6 +312,16 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
+        if self.engine.kind == "deepspeed":  # every rank writes its shard; meta.json marks it complete
+            state = {
+                "step": self.step,
+                "nonfinite_total": self.nonfinite_total,
+                "config": to_dict(self.cfg),
+                "meta": {"world_size": self.world_size, "objective": self.cfg.objective.name},
+            }
+            path = self.engine.save(self.out_dir, self.step, state, self.cfg.train.keep_checkpoints)
+            log.info("saved %s", path)
+            return path
         if self.rank != 0:
             return None
         path = ckpt.save_atomic(self.state_dict(), self.out_dir / f"checkpoint-{self.step}.pt")
@@ -299,11 +330,26 @@ class Trainer:
         return path
 
     def resume(self, where: str) -> None:
-        path = ckpt.find_resume(self.out_dir) if where == "auto" else Path(where)
+        path = find_resume(self.out_dir) if where == "auto" else Path(where)
         if path is None:
             log.info("resume=auto: no checkpoint in %s, starting fresh", self.out_dir)
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if is_ds_checkpoint(path) and self.engine.kind == "deepspeed" and self.engine.same_world(path):
+            state = self.engine.load(path)  # sharded, as saved: weights, optimizer, this rank's RNG
+            self.step = state["step"]
+            self.nonfinite_total = state.get("nonfinite_total", 0)
+            log.info("resumed from %s at step %d", path, self.step)
+            return
+        if is_ds_checkpoint(path):  # saved on another number of ranks: consolidate the shards first
+            state = consolidate(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if self.engine.kind == "deepspeed":
+            self.engine.load_full(state)
+            self.step = state["step"]
+            self.nonfinite_total = state.get("nonfinite_total", 0)
+            log.info("resumed from %s onto %d ranks (resharded) at step %d", path, self.world_size, self.step)
+            return
         saved_cfg = from_dict(state["config"])
         if to_dict(saved_cfg)["model"] != to_dict(self.cfg)["model"]:
             log.warning("resuming %s saved with a different model config", path)

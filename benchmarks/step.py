@@ -3,12 +3,12 @@
     python benchmarks/step.py                 # the paper's video config and the image config
     python benchmarks/step.py --case video --steps 8
 
-Each case runs in a fresh subprocess (so its peak RSS is its own) that first measures the machine's
-fp32 GEMM peak, then builds the models from the preset (random weights: speed does not depend on
-them), and times `Trainer.train_step`, the code path training runs. Reported: median s/step and
-spread, clips/s, model GFLOP per step (analytic, amd_fast/flops.py: teacher forward once, student
-forward + backward as three forwards), achieved GFLOP/s, MFU against the GEMM peak measured in the
-same process, and peak RSS. One CSV row per case is appended to benchmarks/results/step.csv.
+Each case runs in a fresh subprocess (so its peak RSS is its own) that builds the models from the preset
+(random weights: speed does not depend on them) and times `Trainer.train_step`, the code path training
+runs. Reported: median s/step and spread, clips/s, model GFLOP per step (analytic, amd_fast/flops.py:
+teacher forward once, student forward + backward as three forwards), achieved GFLOP/s, MFU against the
+fp32 GEMM peak measured in the same run (right before and after each case, the higher kept), and peak
+RSS. One CSV row per case is appended to benchmarks/results/step.csv.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ def run_case(name: str, steps: int, warmup: int, threads: int, overrides: list[s
     from amd_fast.objectives import FrozenTeacher
     from amd_fast.trainer import Trainer
 
-    peak = gemm_peak_gflops()
     preset, extra = CASES[name]
     cfg = load_config(ROOT / preset, extra + overrides + [f"train.output_dir=/tmp/amd_fast_bench_{name}"])
     device = torch.device("cpu")
@@ -70,9 +69,6 @@ def run_case(name: str, steps: int, warmup: int, threads: int, overrides: list[s
         dt = time.perf_counter() - t0
         if i >= warmup:
             times.append(dt)
-    # the GEMM peak is measured before and after the timed steps and the higher one kept: a busy moment
-    # during one measurement must not flatter the MFU
-    peak = max(peak, gemm_peak_gflops())
     med, spread = median_spread(times)
     gflop = trainer.flops.total * cfg.optim.accum_steps / 1e9
     clips = d.batch_size * cfg.optim.accum_steps
@@ -87,8 +83,6 @@ def run_case(name: str, steps: int, warmup: int, threads: int, overrides: list[s
         "gflop_per_step": gflop,
         "teacher_gflop": trainer.flops.teacher * cfg.optim.accum_steps / 1e9,
         "gflops_per_s": gflop / med,
-        "gemm_peak_gflops": peak,
-        "mfu": gflop / med / peak,
         "peak_rss_gib": peak_memory_bytes(device) / 2**30,
         "attn_backend": trainer.model.encoder.attn_backend,
     }
@@ -113,6 +107,8 @@ def main():
     if args.child:  # one case, result as JSON on the last line
         print(json.dumps(run_case(args.case, args.steps, args.warmup, args.threads, args.overrides)))
         return
+    import torch
+
     names = list(CASES) if args.case == "all" else [args.case]
     info = machine_info()
     for _, name, alloc in itertools.product(range(args.repeat), names, args.allocators):
@@ -124,7 +120,14 @@ def main():
             env["LD_PRELOAD"] = ALLOCATORS[alloc]
         else:
             alloc = allocator_in_use()
+        # The GEMM peak is measured here, just before and just after the case, with the same threads, and the
+        # higher one kept (a busy moment during one measurement must not flatter the MFU). Measuring it in
+        # this process keeps its 100 MB of matrices out of the case's peak RSS.
+        torch.set_num_threads(args.threads)
+        peak = gemm_peak_gflops()
         res = run_child(cmd, env, cwd=ROOT)
+        peak = max(peak, gemm_peak_gflops())
+        res.update(gemm_peak_gflops=peak, mfu=res["gflops_per_s"] / peak)
         res["allocator"] = alloc
         print(
             f"{name} [{alloc}]: {res['s_per_step']:.3f} s/step (spread {res['spread']:.3f}), "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+from .decoders import DECODERS, BadVideo, select_decoder
 from .fashion_mnist import DEFAULT_ROOT, FashionMNISTImages, MaskFn, load_fashion_mnist
+from .lists import Entry, parse_video_list, scan_image_folder
 from .moving import MOTION_CLASSES, MovingFashionMNIST
 from .sampler import EpochSampler
 from .transforms import (
@@ -16,18 +18,22 @@ from .transforms import (
     random_resized_crop_params,
     sample_seed,
 )
+from .video import ClipSampler, FileClips, SkipLog, collate_clips, file_worker_init
 
 DATASETS: dict[str, int] = {"fashion_mnist": 10, "moving_fashion_mnist": len(MOTION_CLASSES)}  # name -> classes
+FILE_DATASETS = ("video_list", "image_folder")  # classes come from the list / the folder names
 
 
 def _check_name(name: str) -> None:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {sorted(DATASETS)}")
+    if name not in DATASETS and name not in FILE_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {sorted([*DATASETS, *FILE_DATASETS])}")
 
 
 def num_classes_of(name: str) -> int:
     """Number of classes of dataset ``name`` (10 for fashion_mnist, 6 for moving_fashion_mnist)."""
     _check_name(name)
+    if name in FILE_DATASETS:
+        raise ValueError(f"dataset {name!r} takes its classes from its list or folders")
     return DATASETS[name]
 
 
@@ -42,9 +48,31 @@ def build_dataset(
     train: bool,
     mask_fn: MaskFn | None = None,
     size: int = 0,
+    list_file: str = "",
+    prefix: str = "",
+    sampling: str = "dense",
+    frame_stride: int = 4,
+    num_sample: int = 1,
+    decoder: str = "auto",
 ) -> Dataset:
-    """Build a dataset by name; ``root=None`` means the Debian path. ``num_frames`` is ignored for images (T=1)."""
+    """Build a dataset by name; ``root=None`` means the Debian path. ``num_frames`` is ignored for images (T=1).
+
+    ``video_list`` reads ``list_file`` (paths relative to ``prefix``); ``image_folder`` scans ``root``. Those two
+    return ``FileClips`` items of ``num_sample`` clips each: batch them with ``collate_clips``.
+    """
     _check_name(name)
+    if name in FILE_DATASETS:
+        if name == "video_list":
+            entries, kind = parse_video_list(list_file, prefix), "video"
+            sampler = ClipSampler(num_frames, frame_stride, sampling)
+        else:
+            entries, kind, sampler = scan_image_folder(root)[0], "image", None
+        if size:
+            entries = entries[:size]
+        return FileClips(
+            entries, kind=kind, input_size=input_size, sampler=sampler, seed=seed, train=train, mask_fn=mask_fn,
+            num_sample=num_sample, decoder=decoder,
+        )  # fmt: skip
     root = DEFAULT_ROOT if root is None else root
     if name == "fashion_mnist":
         return FashionMNISTImages(root, split, input_size, seed, train=train, mask_fn=mask_fn, size=size)
@@ -52,6 +80,18 @@ def build_dataset(
 
 
 __all__ = [
+    "DECODERS",
+    "FILE_DATASETS",
+    "BadVideo",
+    "ClipSampler",
+    "Entry",
+    "FileClips",
+    "SkipLog",
+    "collate_clips",
+    "file_worker_init",
+    "parse_video_list",
+    "scan_image_folder",
+    "select_decoder",
     "DATASETS",
     "DEFAULT_ROOT",
     "IMAGENET_MEAN",

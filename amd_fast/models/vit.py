@@ -208,7 +208,7 @@ class VisionTransformer(nn.Module):
         else:
             # cast after the gather: a low-precision teacher converts only the rows it reads
             rows = gather_tokens(patches_BNK, ids_BV).to(self.pos_embed.dtype)
-            x = self.patch_embed(rows) + gather_rows(self.pos_embed, ids_BV)
+            x = gather_rows(self.pos_embed, ids_BV, self.patch_embed(rows))  # + pos[ids], fused
         if self.cls_token is not None:
             cls = (self.cls_token + self.cls_pos).expand(x.shape[0], -1, -1)
             x = torch.cat((cls, x), dim=1)

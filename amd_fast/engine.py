@@ -1,0 +1,453 @@
+"""The training engine: the one module that imports `deepspeed` and `torch.distributed` for training.
+
+Two engines, one interface, chosen once in `build_engine` and logged:
+
+- `LocalEngine`: one plain process. PyTorch's fused AdamW, `clip_grad_norm_`, a skipped step on a non-finite
+  loss or gradient, atomic single-file checkpoints (the trainer's path before DeepSpeed, bit for bit).
+- `DeepSpeedEngine`: `deepspeed.initialize` over the *student only* (the frozen teacher is not an nn.Module
+  and stays outside, replicated on every rank). DeepSpeed owns gradient reduction, ZeRO sharding, mixed
+  precision and (sharded) checkpoints. Micro-batch, accumulation and clipping come from the amd_fast config.
+
+Launch (each rank gets RANK / WORLD_SIZE / LOCAL_RANK from the launcher):
+
+    deepspeed --num_gpus 8 amd_fast/train.py --config ...                   # GPUs (nccl)
+    DS_ACCELERATOR=cpu deepspeed --num_accelerators 2 amd_fast/train.py ... # CPU ranks (gloo)
+    torchrun --nproc_per_node 8 amd_fast/train.py --config ...
+
+A DeepSpeed checkpoint is a directory `<output_dir>/checkpoint-<step>/` (DeepSpeed's files, one RNG file per
+rank, and `meta.json` written last: a directory without it is incomplete and never resumed from). On the same
+number of ranks it resumes through `load_checkpoint`; on another number (one plain process included) it is
+first consolidated: fp32 master weights and Adam moments of every parameter gathered from the shards
+(`consolidate`), which is also what `amd_fast/export.py` reads.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from amd_fast import checkpoint as ckpt
+from amd_fast.config import ConfigError, DistConfig
+
+log = logging.getLogger(__name__)
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+_DIR_NAME = re.compile(r"^checkpoint-(\d+)$")
+META = "meta.json"
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as set by `deepspeed`, `torchrun` or MPI-style launchers; (0, 1, 0) alone."""
+    env = os.environ
+    rank = int(env.get("RANK", env.get("OMPI_COMM_WORLD_RANK", 0)))
+    world = int(env.get("WORLD_SIZE", env.get("OMPI_COMM_WORLD_SIZE", 1)))
+    local = int(env.get("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+    return rank, world, local
+
+
+def uses_deepspeed(dist_cfg: DistConfig, world_size: int) -> bool:
+    if dist_cfg.engine == "local" and world_size > 1:
+        raise ConfigError(f"dist.engine=local but the launcher started {world_size} ranks; use dist.engine=auto")
+    return dist_cfg.engine == "deepspeed" or (dist_cfg.engine == "auto" and world_size > 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# one plain process
+
+
+class LocalEngine:
+    kind = "local"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, accum_steps: int, clip_grad: float):
+        self.model, self.optimizer = model, optimizer
+        self.accum_steps, self.clip_grad = accum_steps, clip_grad
+        self.rank, self.world_size = 0, 1
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def forward(self, objective, batch):
+        return objective(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum_steps).backward()
+
+    def step(self, total_loss: torch.Tensor) -> bool:
+        """Clip, then step unless the loss or the gradient norm is not finite. Returns whether it stepped."""
+        check = total_loss
+        if self.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad, foreach=True)
+            check = check + norm
+        # Host sync, once per optimizer step: the step must be skipped when the loss or the gradients are
+        # not finite. (Free on CPU; one sync per step on CUDA, as the references' loss.item().)
+        finite = bool(torch.isfinite(check))
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def reduce_metrics(self, sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+        # .item() here only: one host sync per log interval
+        return {k: float(v) / n for k, v in sums.items()} if n else {}
+
+    def peak_memory_max(self, local_bytes: int) -> int:
+        return local_bytes
+
+    def barrier(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def resolve_ds_config(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix != ".json":
+        p = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not p.is_file():
+        names = ", ".join(sorted(q.stem for q in DS_CONFIG_DIR.glob("*.json")))
+        raise ConfigError(f"dist.deepspeed_config={name_or_path!r}: no file {p}; names in configs/deepspeed/: {names}")
+    return p
+
+
+def deepspeed_config(
+    name_or_path: str, *, micro_batch: int, accum_steps: int, world_size: int, clip_grad: float
+) -> dict:
+    """The DeepSpeed JSON with its batch / accumulation / clipping keys taken from the amd_fast config.
+
+    A key the JSON sets (anything but "auto") must agree with amd_fast's value: one source of truth for the
+    global batch (micro-batch x accumulation x ranks), from which the learning rate is scaled."""
+    path = resolve_ds_config(name_or_path)
+    ds = json.loads(path.read_text())
+    ours = {
+        "train_micro_batch_size_per_gpu": (micro_batch, "data.batch_size"),
+        "gradient_accumulation_steps": (accum_steps, "optim.accum_steps"),
+        "train_batch_size": (micro_batch * accum_steps * world_size, "the global batch (data.batch_size x "
+                             f"optim.accum_steps x {world_size} ranks)"),
+        "gradient_clipping": (clip_grad, "optim.clip_grad"),
+    }  # fmt: skip
+    for key, (value, where) in ours.items():
+        theirs = ds.get(key, "auto")
+        if theirs != "auto" and theirs != value:
+            raise ConfigError(f"{path.name}: {key}={theirs} disagrees with {where}={value}; remove the key or "
+                              "set both to the same value")  # fmt: skip
+        ds[key] = value
+    return ds
+
+
+class _StudentStep(nn.Module):
+    """The module DeepSpeed wraps: the student, whose forward is one objective evaluation.
+
+    The objective calls the student's sub-modules and reads some parameters directly (mask tokens, the fused
+    qkv weight); running all of it inside one engine forward lets ZeRO-3 gather those as external parameters."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, batch, objective):
+        return objective(batch)
+
+
+def _skip_cpu_shm_build() -> None:
+    # DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce on Linux CPUs (~40 s on 2 cores, more under
+    # load) that only its inference all-reduce uses; training collectives go through gloo either way. Marking
+    # it unavailable (DeepSpeed keeps this dict for exactly such edits) makes the first launch start at once.
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+class DeepSpeedEngine:
+    kind = "deepspeed"
+
+    def __init__(
+        self,
+        dist_cfg: DistConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        *,
+        micro_batch: int,
+        accum_steps: int,
+        clip_grad: float,
+    ):
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed picks its accelerator
+        import deepspeed
+        import torch.distributed as dist
+
+        self.dist = dist
+        if device.type == "cpu":
+            _skip_cpu_shm_build()
+        backend = dist_cfg.backend if dist_cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend=backend)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.config = deepspeed_config(
+            dist_cfg.deepspeed_config, micro_batch=micro_batch, accum_steps=accum_steps,
+            world_size=self.world_size, clip_grad=clip_grad,
+        )  # fmt: skip
+        self.zero_stage = self.config.get("zero_optimization", {}).get("stage", 0)
+        self.model = model
+        # Parameter names in the optimizer's order, taken before ZeRO-3 replaces the parameters by empty shards
+        # (the grouping looks at their shapes).
+        self.group_names = _group_names(model)
+        # The client optimizer is PyTorch's fused AdamW: DeepSpeed's own Adam would JIT-build fused_adam / cpu_adam.
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=_StudentStep(model), optimizer=optimizer, config=self.config
+        )
+        self.accum_steps = accum_steps
+        self._micro = 0
+        log.info(
+            "engine: DeepSpeed %s, ZeRO stage %d, %d ranks (%s), config %s",
+            deepspeed.__version__, self.zero_stage, self.world_size, backend, dist_cfg.deepspeed_config,
+        )  # fmt: skip
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:  # the ZeRO optimizer forwards these to the wrapped AdamW's
+            g["lr"] = lr
+
+    def forward(self, objective, batch):
+        return self.engine(batch, objective)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+        self._micro += 1
+        if self._micro < self.accum_steps:
+            self.engine.step()  # not at the accumulation boundary: DeepSpeed only counts the micro-step
+
+    def step(self, total_loss: torch.Tensor) -> bool:
+        """The boundary step: reduce (ZeRO 0/1), clip, step. ZeRO 1-3 skip a step whose gradient norm is not
+        finite (agreed across ranks); returns whether the step was applied."""
+        self._micro = 0
+        skipped = self.engine.skipped_steps
+        self.engine.step()
+        return self.engine.skipped_steps == skipped
+
+    def reduce_metrics(self, sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+        """Mean over the window and over ranks: one all-reduce per log interval."""
+        if not n:
+            return {}
+        keys = sorted(sums)
+        v = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32).to(self.engine.device) for k in keys])
+        self.dist.all_reduce(v)
+        v = (v / (n * self.world_size)).tolist()  # .tolist(): the host sync of this log interval
+        return dict(zip(keys, v))
+
+    def peak_memory_max(self, local_bytes: int) -> int:
+        t = torch.tensor([local_bytes], dtype=torch.int64, device=self.engine.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    # checkpoints -----------------------------------------------------------------------------
+
+    def save(self, out_dir: Path, step: int, client_state: dict, keep: int) -> Path:
+        """Every rank writes its shard; rank 0 writes meta.json last (the completeness marker), then prunes."""
+        tag = f"checkpoint-{step}"
+        path = out_dir / tag
+        client_state = {**client_state, "param_group_names": self.group_names}  # for `consolidate`
+        self.engine.save_checkpoint(str(out_dir), tag=tag, client_state=client_state, save_latest=False)
+        ckpt.save_atomic(ckpt.rng_state(), path / f"rng-rank{self.rank}.pt")
+        (path / f"shard-rank{self.rank}.json").write_text(json.dumps(self.shard_sizes()))  # what this rank holds
+        self.barrier()
+        if self.rank == 0:
+            meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage}
+            tmp = path / f".{META}.tmp"
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, path / META)
+            for _, old in list_ds_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+        return path
+
+    def load(self, path: Path) -> dict:
+        """Resume on the same number of ranks; returns the client state (step, config, ...)."""
+        meta = read_meta(path)
+        if meta["world_size"] != self.world_size:
+            raise ValueError(f"{path} was saved on {meta['world_size']} ranks, this run has {self.world_size}")
+        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        rng = path / f"rng-rank{self.rank}.pt"
+        if rng.exists():
+            ckpt.set_rng_state(torch.load(rng, weights_only=True))
+        return client
+
+    def same_world(self, path: Path) -> bool:
+        return read_meta(path)["world_size"] == self.world_size
+
+    def load_full(self, state: dict) -> None:
+        """Weights and Adam moments from a one-process (or consolidated) checkpoint, into this run's shards."""
+        opt_state = state["optimizer"]["state"]
+        if self.zero_stage == 0:  # the client AdamW holds whole parameters: load as one process does
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+            step = next(iter(opt_state.values()))["step"] if opt_state else None
+            if step is not None:
+                # ZeRO creates AdamW's state for its flat fp32 partitions at the first step; create it now
+                opt, base = self.optimizer, _base(self.optimizer)
+                flats = (
+                    opt.single_partition_of_fp32_groups if self.zero_stage <= 2 else opt.fp32_partitioned_groups_flat
+                )
+                for hp in flats:
+                    base.state[hp] = {
+                        "step": torch.as_tensor(step, dtype=torch.float32).clone(),
+                        "exp_avg": torch.zeros_like(hp),
+                        "exp_avg_sq": torch.zeros_like(hp),
+                    }
+                if self.zero_stage <= 2:
+                    opt._lazy_init_hp_params_optimizer_state()  # links each parameter to its slice of that state
+            # the module's weights (what forward reads) and, below, the fp32 master copies (what the step updates)
+            if self.zero_stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0):
+                    if self.rank == 0:
+                        self.model.load_state_dict(state["model"])
+            else:
+                self.model.load_state_dict(state["model"])
+            named = dict(self.model.named_parameters())
+            for i, name in enumerate(n for group in self.group_names for n in group):
+                safe_set_full_fp32_param(named[name], state["model"][name].to(torch.float32))
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if i in opt_state:
+                        safe_set_full_optimizer_state(named[name], opt_state[i][key].to(torch.float32), key)
+            for s in _base(self.optimizer).state.values():
+                if step is not None and "step" in s:
+                    s["step"] = (
+                        torch.as_tensor(step, dtype=torch.float32).clone() if torch.is_tensor(s["step"]) else int(step)
+                    )
+        if state.get("rng") is not None:
+            ckpt.set_rng_state(state["rng"])
+
+    def shard_sizes(self) -> dict:
+        """Elements held on this rank: parameters, and Adam moments (exp_avg + exp_avg_sq)."""
+        params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.model.parameters())
+        moments = sum(
+            v.numel() for s in _base(self.optimizer).state.values() for k, v in s.items() if k.startswith("exp_avg")
+        )
+        full = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        return {"rank": self.rank, "world_size": self.world_size, "zero_stage": self.zero_stage,
+                "params_local": params, "moments_local": moments, "params_full": full}  # fmt: skip
+
+
+def _base(optimizer):
+    """The client AdamW inside a ZeRO optimizer (ZeRO-0 uses the client optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _group_names(model: nn.Module) -> list[list[str]]:
+    """Parameter names in the optimizer's order (the two groups of `optim.param_groups`)."""
+    from amd_fast.optim import param_groups
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# finding and consolidating DeepSpeed checkpoints (no process group needed)
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / META).read_text())
+
+
+def list_ds_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """Complete DeepSpeed checkpoint directories (meta.json present), oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _DIR_NAME.match(p.name)) and (p / META).exists()]
+    return sorted(found)
+
+
+def find_resume(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint of either kind: `checkpoint-N.pt` (one process) or `checkpoint-N/`."""
+    found = ckpt.list_checkpoints(directory) + list_ds_checkpoints(directory)
+    return max(found)[1] if found else None
+
+
+def is_ds_checkpoint(path: str | Path) -> bool:
+    return Path(path).is_dir()
+
+
+_PREFIX = "student."  # the key prefix of _StudentStep
+
+
+def consolidate(path: str | Path) -> dict:
+    """A DeepSpeed checkpoint directory -> the one-process checkpoint dict (`model`, `optimizer` in
+    torch.optim.AdamW's layout, `step`, `rng` of rank 0, `config`, `meta`), in fp32, on the CPU.
+
+    The weights are the fp32 master copies; the Adam moments are merged from the ZeRO shards by the same code
+    that merges the weights (DeepSpeed's zero_to_fp32), so a checkpoint saved on any number of ranks loads on
+    any other."""
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, SINGLE_PARTITION_OF_FP32_GROUPS
+    from deepspeed.utils import zero_to_fp32 as z
+
+    path = Path(path)
+    meta = read_meta(path)
+    # rank 0's module file holds the client state (ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt)
+    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if meta["zero_stage"] == 3 else "mp_rank_00_model_states.pt"
+    top_file = path / name
+    top = torch.load(top_file, map_location="cpu", weights_only=False)
+    optim_files = sorted(glob.glob(str(path / "*zero_pp_rank_*_optim_states.pt")), key=z.natural_keys)
+    if meta["zero_stage"] == 0 or not optim_files:
+        # no ZeRO: DeepSpeed saved the whole module and the client optimizer's own state dict
+        model = {k.removeprefix(_PREFIX): v.float() for k, v in top["module"].items()}
+        optimizer = top["optimizer"]
+    else:
+        zero_model_states = z.parse_model_states(z.get_model_state_files(str(path)))
+        shards = [torch.load(f, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT] for f in optim_files]
+        stage, world = shards[0]["zero_stage"], len(shards)
+        base = [s["base_optimizer_state"] if stage <= 2 else s["optimizer_state_dict"] for s in shards]
+
+        def merged(flat_groups):
+            if stage <= 2:
+                sd = z._get_fp32_state_dict_from_zero2_checkpoint(
+                    world, flat_groups, zero_model_states, False, shards[0].get("param_alignment_paddings")
+                )
+            else:
+                sd = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, zero_model_states, False)
+            return {k.removeprefix(_PREFIX): v for k, v in z.to_torch_tensor(sd).items()}
+
+        key = SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else FP32_FLAT_GROUPS
+        model = merged([s[key] for s in shards])
+        moments = {}
+        for m in ("exp_avg", "exp_avg_sq"):
+            moments[m] = merged([[b["state"][g][m] for g in range(len(b["param_groups"]))] for b in base])
+        step = next(iter(base[0]["state"].values()))["step"]
+        # torch.optim.AdamW's layout: parameters numbered in the order of `optim.param_groups`, saved by `save`
+        state, groups, i = {}, [], 0
+        for g, names in zip(base[0]["param_groups"], top["param_group_names"]):
+            ids = []
+            for name in names:
+                state[i] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(),
+                            "exp_avg": moments["exp_avg"][name], "exp_avg_sq": moments["exp_avg_sq"][name]}  # fmt: skip
+                ids.append(i)
+                i += 1
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+        optimizer = {"state": state, "param_groups": groups}
+    rng_file = path / "rng-rank0.pt"
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "step": top["step"],
+        "nonfinite_total": top.get("nonfinite_total", 0),
+        "rng": torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
+        "config": top["config"],
+        "meta": {**top.get("meta", {}), "consolidated_from": str(path), "saved_world_size": meta["world_size"]},
+    }

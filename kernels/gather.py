@@ -1,0 +1,241 @@
+"""Token gather by index with the position-embedding add fused in, and its backward (a scatter-add).
+
+Shape legend: B batch, N tokens per sample, V gathered tokens per sample, D width (any), S source rows.
+
+One launcher covers the gathers the models do (METHOD.md section 2: masks are index tensors):
+- `gather_tokens(x [B, N, D], ids [B, V], pos [N, D] | None)` -> `x[b, ids[b, j]] (+ pos[ids[b, j]])`: encoder
+  inputs (V_s, [V_s ; Delta]), decoded positions, reconstruction targets;
+- `gather_rows(table [N, D], ids [B, V], base [B, V, D] | None)` -> `(base +) table[ids[b, j]]`: position
+  tables shared by the batch, added to a projected token (`encoder_to_decoder(x) + E[V_s]`, `z + E_t[V_s]`,
+  `mask_token + E[Delta]`) in one pass instead of an index_select and an add.
+
+Both are `src[b * rps + ids[b, j]]` with rps (source rows per sample) N or 0. Indices are int32 or int64;
+dtypes bf16 / fp16 / fp32 / fp64. Backward: grad_src is a scatter-add (ids may repeat), grad_pos a scatter-add
+into the table, grad_base the incoming gradient itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from amd_fast.kernels import backend as _backend
+from amd_fast.kernels.triton_utils import cdiv, lazy_jit, next_pow2
+
+tl = triton = None  # set by lazy_jit when a Triton kernel is first launched
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+
+
+def gather_reference(src_SD, ids_BV, rps: int, pos_ND=None, base_BVD=None):
+    """`torch.gather` with an expanded index (the [B, V, D] index view costs no memory; no `.repeat`)."""
+    B, V = ids_BV.shape
+    D = src_SD.shape[-1]
+    ids = ids_BV.long()
+    if rps:
+        out = torch.gather(src_SD.view(B, rps, D), 1, ids.unsqueeze(-1).expand(B, V, D))
+    else:
+        out = src_SD[ids]
+    if pos_ND is not None:
+        out = out + pos_ND[ids].to(out.dtype)
+    if base_BVD is not None:
+        out = base_BVD.to(out.dtype) + out
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Twins
+
+
+def _gather_torch(src_SD, ids_BV, rps, pos_ND, base_BVD):
+    """One index_select on the flattened rows (faster than torch.gather on CPU), then the adds in place."""
+    B, V = ids_BV.shape
+    flat = ids_BV
+    if rps:
+        flat = ids_BV + torch.arange(B, device=ids_BV.device, dtype=ids_BV.dtype).mul_(rps).unsqueeze(1)
+    out = src_SD.index_select(0, flat.reshape(-1)).view(B, V, src_SD.shape[-1])
+    if pos_ND is not None:
+        out += pos_ND.index_select(0, ids_BV.reshape(-1)).view_as(out)
+    if base_BVD is not None:
+        out += base_BVD
+    return out
+
+
+def _scatter_torch(g_BVD, ids_BV, rps, S):
+    B, V = ids_BV.shape
+    flat = ids_BV
+    if rps:
+        flat = ids_BV + torch.arange(B, device=ids_BV.device, dtype=ids_BV.dtype).mul_(rps).unsqueeze(1)
+    out = g_BVD.new_zeros(S, g_BVD.shape[-1])
+    return out.index_add_(0, flat.reshape(-1), g_BVD.reshape(-1, g_BVD.shape[-1]))
+
+
+def _gather_kernel(
+    src_ptr, ids_ptr, pos_ptr, base_ptr, out_ptr, R, V, D, rps,
+    HAS_POS: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """A [BLOCK_R, BLOCK_D] tile of output rows: out[r] = src[(r // V) * rps + ids[r]] (+ pos[ids[r]]) (+ base[r])."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rm = rows < R
+    m = rm[:, None] & (cols < D)[None, :]
+    ids = tl.load(ids_ptr + rows, mask=rm, other=0).to(tl.int64)
+    src_rows = (rows // V).to(tl.int64) * rps + ids
+    x = tl.load(src_ptr + src_rows[:, None] * D + cols[None, :], mask=m, other=0.0)
+    if HAS_POS or HAS_BASE:  # adds in fp32, rounded once (bf16 arithmetic is also wrong under the interpreter)
+        x = x.to(tl.float32)
+    if HAS_POS:
+        x = x + tl.load(pos_ptr + ids[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_BASE:
+        x = tl.load(base_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32) + x
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _scatter_add_kernel(
+    g_ptr, ids_ptr, out_ptr, R, V, D, rps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """out[(r // V) * rps + ids[r]] += g[r]; atomics, since ids may repeat (and a shared table always does)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rm = rows < R
+    m = rm[:, None] & (cols < D)[None, :]
+    ids = tl.load(ids_ptr + rows, mask=rm, other=0).to(tl.int64)
+    dst_rows = (rows // V).to(tl.int64) * rps + ids
+    g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + dst_rows[:, None] * D + cols[None, :], g, mask=m)
+
+
+def _warps_gpu_configs():
+    import triton
+
+    return [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8)]
+
+
+_gather_jit = lazy_jit(_gather_kernel, _warps_gpu_configs, key=("D",))
+_scatter_jit = lazy_jit(_scatter_add_kernel, _warps_gpu_configs, key=("D",))
+
+
+def _tiles(R, D):
+    # whole rows up to 1024 wide; 16 rows a program (the interpreter wants few, large programs)
+    block_d = min(next_pow2(D), 1024)
+    return 16, block_d, (cdiv(R, 16), cdiv(D, block_d))
+
+
+def _gather_triton(src_SD, ids_BV, rps, pos_ND, base_BVD):
+    B, V = ids_BV.shape
+    D = src_SD.shape[-1]
+    out = torch.empty(B, V, D, dtype=src_SD.dtype, device=src_SD.device)
+    if out.numel():
+        block_r, block_d, grid = _tiles(B * V, D)
+        pos = pos_ND.to(src_SD.dtype).contiguous() if pos_ND is not None else src_SD
+        base = base_BVD.to(src_SD.dtype).contiguous() if base_BVD is not None else src_SD
+        _gather_jit()[grid](src_SD.contiguous(), ids_BV.contiguous(), pos, base, out, B * V, V, D, rps,
+                            HAS_POS=pos_ND is not None, HAS_BASE=base_BVD is not None, BLOCK_R=block_r,
+                            BLOCK_D=block_d)  # fmt: skip
+    return out
+
+
+def _scatter_triton(g_BVD, ids_BV, rps, S):
+    B, V = ids_BV.shape
+    D = g_BVD.shape[-1]
+    out = torch.zeros(S, D, dtype=torch.float32, device=g_BVD.device)  # fp32 atomics for every input dtype
+    if g_BVD.numel():
+        block_r, block_d, grid = _tiles(B * V, D)
+        _scatter_jit()[grid](g_BVD.contiguous(), ids_BV.contiguous(), out, B * V, V, D, rps, BLOCK_R=block_r,
+                             BLOCK_D=block_d)  # fmt: skip
+    return out.to(g_BVD.dtype)
+
+
+def _gather_native(src_SD, ids_BV, rps, pos_ND, base_BVD):
+    return _backend.native_module().gather_rows(src_SD, ids_BV, rps, pos_ND, base_BVD)
+
+
+def _scatter_native(g_BVD, ids_BV, rps, S):
+    return _backend.native_module().scatter_add_rows(g_BVD, ids_BV, rps, S)
+
+
+# `compiled` is the chunked twin as it is: a gather is one index_select, nothing for inductor to fuse
+GATHER = {"chunked": _gather_torch, "compiled": _gather_torch, "triton": _gather_triton, "native": _gather_native}
+SCATTER = {"chunked": _scatter_torch, "compiled": _scatter_torch, "triton": _scatter_triton, "native": _scatter_native}
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers and custom ops
+
+
+def gather_forward(src_SD, ids_BV, rps, pos_ND, base_BVD, backend):
+    return GATHER[backend](src_SD, ids_BV, rps, pos_ND, base_BVD)
+
+
+def gather_backward(g_BVD, ids_BV, rps, S, backend):
+    """-> grad of the source rows [S, D]."""
+    return SCATTER[backend](g_BVD, ids_BV, rps, S)
+
+
+@torch.library.custom_op("amd_fast::gather", mutates_args=())
+def _gather_op(
+    src: torch.Tensor, ids: torch.Tensor, rps: int, pos: torch.Tensor | None, base: torch.Tensor | None, backend: str
+) -> torch.Tensor:
+    return gather_forward(src, ids, rps, pos, base, backend)
+
+
+@_gather_op.register_fake
+def _(src, ids, rps, pos, base, backend):
+    return src.new_empty(*ids.shape, src.shape[-1])
+
+
+@torch.library.custom_op("amd_fast::scatter_add", mutates_args=())
+def _scatter_add_op(g: torch.Tensor, ids: torch.Tensor, rps: int, S: int, backend: str) -> torch.Tensor:
+    return gather_backward(g, ids, rps, S, backend)
+
+
+@_scatter_add_op.register_fake
+def _(g, ids, rps, S, backend):
+    return g.new_empty(S, g.shape[-1])
+
+
+class GatherFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src_SD, ids_BV, rps, pos_ND, base_BVD, backend):
+        ctx.save_for_backward(ids_BV)
+        ctx.rps, ctx.S, ctx.backend = rps, src_SD.shape[0], backend
+        ctx.src_dtype = src_SD.dtype
+        ctx.pos_shape = None if pos_ND is None else pos_ND.shape
+        return _gather_op(src_SD, ids_BV, rps, pos_ND, base_BVD, backend)
+
+    @staticmethod
+    def backward(ctx, g_BVD):
+        (ids,) = ctx.saved_tensors
+        need_src, _, _, need_pos, need_base, _ = ctx.needs_input_grad
+        g_BVD = g_BVD.contiguous()
+        d_src = _scatter_add_op(g_BVD, ids, ctx.rps, ctx.S, ctx.backend) if need_src else None
+        d_pos = _scatter_add_op(g_BVD, ids, 0, ctx.pos_shape[0], ctx.backend) if need_pos else None
+        return d_src, None, None, d_pos, g_BVD if need_base else None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional wrappers (what amd_fast.ops calls)
+
+
+def _backend_for(x: torch.Tensor, backend: str | None) -> str:
+    return backend or _backend.resolve("gather", x.device, x.dtype)
+
+
+def gather_tokens(x_BND, ids_BV, pos_ND=None, *, backend: str | None = None):
+    """`x[b, ids[b, j]] (+ pos[ids[b, j]])` -> [B, V, D]."""
+    B, N, D = x_BND.shape
+    name = _backend_for(x_BND, backend)
+    src = x_BND.reshape(B * N, D)
+    if name == "reference":
+        return gather_reference(src, ids_BV, N, pos_ND)
+    return GatherFunction.apply(src, ids_BV, N, pos_ND, None, name)
+
+
+def gather_rows(table_ND, ids_BV, base_BVD=None, *, backend: str | None = None):
+    """`(base +) table[ids[b, j]]` for a table shared by the batch -> [B, V, D]."""
+    name = _backend_for(table_ND, backend)
+    if name == "reference":
+        return gather_reference(table_ND, ids_BV, 0, None, base_BVD)
+    if base_BVD is not None and base_BVD.shape != (*ids_BV.shape, table_ND.shape[-1]):
+        base_BVD = base_BVD.expand(*ids_BV.shape, table_ND.shape[-1])  # a broadcast mask token
+        return GatherFunction.apply(table_ND, ids_BV, 0, None, None, name) + base_BVD
+    return GatherFunction.apply(table_ND, ids_BV, 0, None, base_BVD, name)

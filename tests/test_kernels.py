@@ -1,0 +1,259 @@
+"""Every implementation of amd_fast.kernels against its pure-PyTorch reference, forward and every gradient.
+
+Backends: `chunked` (PyTorch twin), `native` (C++ twin; skipped when the extension is not built), `triton`
+(under TRITON_INTERPRET=1 on CPU tensors; skipped without triton). Tolerances follow flash-attention: a
+result at precision p is judged by its distance to the fp64 reference, against PyTorch's own distance at p
+(`err <= 3 * err_torch + a few ulps`). The Triton kernels here use no `tl.dot` (the GEMMs are torch's), so
+bf16 runs through the interpreter with bf16 operands as such; the interpreter is slow, so its grid is small.
+"""
+
+import os
+
+import pytest
+import torch
+from amd_fast.kernels import alignment_loss_reference, fused_alignment_loss
+from amd_fast.kernels import backend as kb
+from amd_fast.kernels.gather import gather_reference, gather_rows, gather_tokens
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a Triton kernel is first launched (lazy_jit)
+
+BACKENDS = [
+    "chunked",
+    pytest.param("native", marks=pytest.mark.skipif(kb.native_module() is None, reason="native extension not built")),
+    pytest.param("triton", marks=pytest.mark.skipif(not kb.triton_available(), reason="triton not installed")),
+]
+
+
+def _close(out, ref_lp, ref64, what, factor=3.0):
+    """|out - ref64| <= factor * |ref_lp - ref64| + 2 ulps of the output's magnitude."""
+    assert out.shape == ref64.shape, what
+    floor = 2 * torch.finfo(torch.float32 if ref_lp.dtype == torch.float64 else ref_lp.dtype).eps
+    out, ref_lp, ref64 = out.double(), ref_lp.double(), ref64.double()
+    err = (out - ref64).abs().max().item() if out.numel() else 0.0
+    base = (ref_lp - ref64).abs().max().item() if out.numel() else 0.0
+    scale = max(1.0, ref64.abs().max().item()) if out.numel() else 1.0
+    msg = f"{what}: err {err:.3e} vs torch {base:.3e} (floor {floor * scale:.1e})"
+    assert err <= factor * base + floor * scale, msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused alignment loss
+
+# (distance, pred_norm, target_norm, student LN, bias): AMD, DMAE, and the other options
+CONFIGS = [
+    ("mse", "none", "none", False, False),
+    ("l1", "l2", "l2", False, True),
+    ("smooth_l1", "none", "layernorm", True, True),
+    ("mse", "l2", "layernorm", True, False),
+]
+SHAPES = [(1, 1, 5, 7), (2, 37, 24, 40), (3, 16, 33, 65)]  # (B, V, Ds, Dt): 1 token, odd, chunk 16 divides
+CHUNK = 16
+
+
+def _align_inputs(B, V, Ds, Dt, ln, bias, strided):
+    g = torch.Generator().manual_seed(B * 1000 + V * 10 + Dt)
+    h = torch.randn(B, V, Ds, generator=g, dtype=torch.float64)
+    w = torch.randn(Dt, Ds, generator=g, dtype=torch.float64) / Ds**0.5
+    b = torch.randn(Dt, generator=g, dtype=torch.float64) * 0.1 if bias else None
+    lw = 1 + 0.1 * torch.randn(Ds, generator=g, dtype=torch.float64) if ln else None
+    lb = 0.1 * torch.randn(Ds, generator=g, dtype=torch.float64) if ln else None
+    t = torch.randn(B, V + 3 * strided, Dt, generator=g, dtype=torch.float64) * 1.5
+    t = t[:, :V] if strided else t  # AMD aligns t[:, :V_s]: a row-strided view
+    return h, w, b, lw, lb, t
+
+
+def _run_align(fn, inputs, dtype, cfg, mode, **kw):
+    dist, pn, tn, _, _ = cfg
+    h, w, b, lw, lb, t = [None if x is None else x.detach().to(dtype).requires_grad_(i != 5)
+                          for i, x in enumerate(inputs)]  # fmt: skip
+    args = dict(ln_weight=lw, ln_bias=lb, pred_norm=pn, target_norm=tn, distance=dist)
+    if fn is alignment_loss_reference:
+        loss, z = fn(h, w, b, t, **args)
+    else:
+        out = fn(h, w, b, t, **args, return_z=mode == "z", recompute=mode == "recompute", **kw)
+        loss, z = out if mode == "z" else (out, None)
+    total = loss * 1.7  # a grad_output other than 1
+    if mode == "z":  # a downstream reader of z (AMD's generator)
+        r = torch.linspace(-1, 1, z.numel(), dtype=torch.float64).view_as(z).to(z.dtype)
+        total = total + (z * r).sum() * 0.01
+    total.backward()
+    grads = [x.grad for x in (h, w, b, lw, lb) if x is not None]
+    return [loss.detach(), *(grads if mode != "z" else [*grads, z.detach()])]
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param("compiled", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(str(x) for x in c))
+@pytest.mark.parametrize("mode", ["loss", "recompute", "z"])
+def test_alignment_loss_matches_reference(backend, cfg, mode):
+    dtypes = {"chunked": [torch.float64, torch.float32, torch.bfloat16], "native": [torch.float64, torch.float32],
+              "triton": [torch.float32, torch.bfloat16], "compiled": [torch.float32]}[backend]  # fmt: skip
+    shapes = SHAPES if backend not in ("triton", "compiled") else SHAPES[:2]  # slow ones: fewer shapes
+    for shape in shapes:
+        inputs = _align_inputs(*shape, cfg[3], cfg[4], strided=shape[1] > 1)
+        ref64 = _run_align(alignment_loss_reference, inputs, torch.float64, cfg, mode)
+        for dtype in dtypes:
+            ref_lp = _run_align(alignment_loss_reference, inputs, dtype, cfg, mode)
+            out = _run_align(fused_alignment_loss, inputs, dtype, cfg, mode, chunk_size=CHUNK, backend=backend)
+            names = ["loss", "dh", "dw", "db", "dln_w", "dln_b"]
+            names = [n for n, x in zip(names, [1, 1, 1, cfg[4], cfg[3], cfg[3]]) if x] + ["z"] * (mode == "z")
+            for name, o, r_lp, r64 in zip(names, out, ref_lp, ref64):
+                assert o.dtype == r_lp.dtype, (name, o.dtype, r_lp.dtype)
+                _close(o, r_lp, r64, f"{backend} {dtype} {shape} {mode} {name}")
+
+
+@pytest.mark.parametrize("cfg, mode", [(CONFIGS[0], "loss"), (CONFIGS[1], "z")])
+def test_alignment_loss_compiled_twin(cfg, mode):
+    """The `compiled` twin (row part through torch.compile) on two cases; its full grid is marked slow."""
+    inputs = _align_inputs(2, 37, 24, 40, cfg[3], cfg[4], strided=True)
+    ref64 = _run_align(alignment_loss_reference, inputs, torch.float64, cfg, mode)
+    ref32 = _run_align(alignment_loss_reference, inputs, torch.float32, cfg, mode)
+    out = _run_align(fused_alignment_loss, inputs, torch.float32, cfg, mode, chunk_size=CHUNK, backend="compiled")
+    for i, (o, r32, r64) in enumerate(zip(out, ref32, ref64)):
+        _close(o, r32, r64, f"compiled {mode} output {i}")
+
+
+def test_alignment_loss_without_grad_and_weights_grad_only():
+    h, w, b, _, _, t = _align_inputs(2, 9, 8, 12, False, True, False)
+    with torch.no_grad():
+        loss = fused_alignment_loss(h, w, b, t, backend="chunked", chunk_size=4)
+    torch.testing.assert_close(loss, alignment_loss_reference(h, w, b, t)[0])
+    w = w.clone().requires_grad_()
+    fused_alignment_loss(h, w, None, t, backend="chunked", chunk_size=4).backward()  # h needs no grad
+    w_ref = w.detach().clone().requires_grad_()
+    alignment_loss_reference(h, w_ref, None, t)[0].backward()
+    torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+def test_alignment_loss_second_backward_is_refused_unless_recompute():
+    h, w, _, _, _, t = _align_inputs(1, 5, 4, 6, False, False, False)
+    h.requires_grad_()
+    loss = fused_alignment_loss(h, w, None, t, backend="chunked")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="recompute=True"):
+        loss.backward()
+    h.grad = None
+    loss = fused_alignment_loss(h, w, None, t, backend="chunked", recompute=True)
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(h.grad, 2 * first)
+
+
+def test_alignment_loss_compiles_without_graph_break():
+    h, w, b, _, _, t = _align_inputs(2, 7, 8, 12, False, True, False)
+    h.requires_grad_()
+    fn = torch.compile(lambda h, w, b, t: fused_alignment_loss(h, w, b, t, backend="chunked", chunk_size=4),
+                       fullgraph=True, backend="aot_eager")  # fmt: skip
+    loss = fn(h, w, b, t)
+    loss.backward()
+    ref = h.detach().clone().requires_grad_()
+    ref_loss = alignment_loss_reference(ref, w, b, t)[0]
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(h.grad, ref.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gather / scatter
+
+GATHER_SHAPES = [(1, 1, 1, 1), (2, 9, 5, 33), (3, 40, 37, 130)]  # (B, N, V, D)
+
+
+def _ids(B, N, V, dtype, dup, g):
+    ids = torch.stack([torch.randperm(N, generator=g)[:V] for _ in range(B)])
+    if dup and V > 1:
+        ids[:, -1] = ids[:, 0]  # repeated index: the backward must add, not overwrite
+    return ids.to(dtype)
+
+
+def _run_gather(kind, inputs, dtype, backend):
+    x, pos, base, ids = inputs
+    x = x.detach().to(dtype).requires_grad_()
+    pos = None if pos is None else pos.detach().to(dtype).requires_grad_()
+    base = None if base is None else base.detach().to(dtype).requires_grad_()
+    if kind == "tokens":
+        out = gather_tokens(x, ids, pos, backend=backend)
+    else:
+        out = gather_rows(x[0], ids, base, backend=backend)
+    r = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out).to(dtype)
+    (out * r).sum().backward()
+    return [out.detach()] + [v.grad for v in (x, pos, base) if v is not None]
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("kind", ["tokens", "tokens+pos", "rows", "rows+base"])
+def test_gather_matches_reference(backend, kind):
+    g = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] + [torch.float64] * (backend != "triton")
+    for B, N, V, D in GATHER_SHAPES if backend != "triton" else GATHER_SHAPES[:2]:
+        for idx_dtype, dup in ((torch.int64, False), (torch.int32, True)):
+            ids = _ids(B, N, V, idx_dtype, dup, g)
+            x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+            pos = torch.randn(N, D, generator=g, dtype=torch.float64) if kind == "tokens+pos" else None
+            base = torch.randn(B, V, D, generator=g, dtype=torch.float64) if kind == "rows+base" else None
+            inputs = (x, pos, base, ids)
+            k = kind.split("+")[0]
+            ref64 = _run_gather(k, inputs, torch.float64, "reference")
+            for dtype in dtypes:
+                ref_lp = _run_gather(k, inputs, dtype, "reference")
+                out = _run_gather(k, inputs, dtype, backend)
+                for name, o, r_lp, r64 in zip(["out", "dx", "dpos/dbase"], out, ref_lp, ref64):
+                    assert o.dtype == dtype, name
+                    _close(o, r_lp, r64, f"{backend} {kind} {dtype} {(B, N, V, D)} {idx_dtype} {name}")
+
+
+def test_gather_broadcast_base_and_bad_index():
+    table = torch.randn(10, 6)
+    ids = torch.tensor([[1, 3], [9, 0]])
+    token = torch.randn(1, 1, 6)
+    torch.testing.assert_close(gather_rows(table, ids, token, backend="chunked"), token + table[ids])
+    if kb.native_module() is not None:
+        with pytest.raises(RuntimeError, match="out of range"):
+            gather_tokens(torch.randn(2, 4, 3), torch.tensor([[0, 4], [1, 2]]), backend="native")
+
+
+def test_gather_compiles_without_graph_break():
+    x = torch.randn(2, 9, 5, requires_grad=True)
+    ids = torch.tensor([[0, 3, 8], [2, 2, 1]])
+    pos = torch.randn(9, 5)
+    out = torch.compile(lambda x: gather_tokens(x, ids, pos, backend="chunked"), fullgraph=True,
+                        backend="aot_eager")(x)  # fmt: skip
+    out.sum().backward()
+    torch.testing.assert_close(out, gather_reference(x.detach().view(18, 5), ids, 9, pos))
+    torch.testing.assert_close(x.grad.sum(), torch.tensor(3 * 2 * 5.0))
+
+
+def test_backend_selection_is_forceable_and_checked():
+    assert kb.selected() in kb.BACKENDS
+    with pytest.raises(ValueError, match="allowed"):
+        kb.select("cuda_magic")
+    old = kb.selected()
+    try:
+        kb.select("reference")
+        assert kb.resolve("gather", torch.device("cpu"), torch.float32) == "reference"
+    finally:
+        kb.select(old)
+    expected = "native" if kb.native_module() is not None else "chunked"
+    assert kb.resolve("alignment_loss", torch.device("cpu"), torch.float32) in (expected, kb.selected())
+
+
+@pytest.mark.slow
+def test_cmake_builds_the_same_native_module(tmp_path):
+    """CMakeLists.txt builds the module setup.py builds (about 2 minutes of compiling)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("cmake") is None or shutil.which("c++") is None:
+        pytest.skip("cmake or a C++ compiler is missing")
+    root = Path(__file__).resolve().parents[1]
+    prefix = torch.utils.cmake_prefix_path
+    subprocess.run(["cmake", "-S", str(root), "-B", str(tmp_path), f"-DCMAKE_PREFIX_PATH={prefix}",
+                    f"-DPython_EXECUTABLE={sys.executable}"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(["cmake", "--build", str(tmp_path), "-j2"], check=True, capture_output=True)
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import _native; "
+            "x = torch.arange(12.).view(6, 2); ids = torch.tensor([[2, 0], [1, 1]]); "
+            "print(_native.gather_rows(x, ids, 3, None, None).flatten().tolist())")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == str([4.0, 5.0, 0.0, 1.0, 8.0, 9.0, 8.0, 9.0])
