@@ -3,7 +3,7 @@
 On CPU the allocator matters: a training step frees and re-allocates hundreds of MB of activations, and
 glibc's malloc returns large blocks to the OS (mmap / munmap, page faults on every reuse). jemalloc and
 tcmalloc keep them. `benchmarks/step.py --allocators default jemalloc tcmalloc` measures the three side
-by side; `train.allocator=auto` uses the one that measured best on this project's machines (see README).
+by side; `train.allocator=auto` uses the one that measured best on this project's machines: tcmalloc.
 
 The allocator must be loaded before the process starts, so `ensure_allocator` re-executes the same command
 line once with LD_PRELOAD set (as Intel's PyTorch launcher does); nothing else changes.
@@ -23,7 +23,10 @@ ALLOCATORS = {
     "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
     "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
 }
-AUTO_PREFERENCE = ("jemalloc", "tcmalloc")  # measured order on this project's CPU machines (README, Speed)
+# Measured on this project's 2-core CPU (benchmarks/results/step.csv, paper video step, two interleaved rounds):
+# tcmalloc 2.68-2.95 s/step, glibc 2.84-3.18, jemalloc 3.16-3.51. jemalloc is slower than glibc here, so auto
+# never picks it; with no tcmalloc installed, auto keeps glibc.
+AUTO_PREFERENCE = ("tcmalloc",)
 _REEXEC_FLAG = "AMD_FAST_ALLOCATOR_SET"
 
 
