@@ -24,7 +24,7 @@ PY=${PYTHON:-python3}
 # then deepspeed itself with --no-deps, so pip never replaces the pinned CPU torch. No op is pre-built: the
 # engine passes PyTorch's fused AdamW as the client optimizer (no fused_adam / cpu_adam build) and skips the
 # CPU shared-memory comm op (gloo does the training collectives), so nothing is JIT-compiled at launch.
-.venv/bin/pip install -q einops hjson msgpack ninja py-cpuinfo "pydantic>=2"
+.venv/bin/pip install -q einops hjson msgpack ninja packaging psutil py-cpuinfo "pydantic>=2"
 .venv/bin/pip install -q --no-deps deepspeed==0.19.8
 # Video files (issue 3; amd_fast/data/decoders.py, tests/test_video.py, benchmarks/data.py). Debian's FFmpeg 5.1
 # libraries for torchcodec (apt, ~1 min on a fresh box); torchcodec 0.13.0 (2.5 MB wheel, the CPU decoder), PyAV
@@ -52,4 +52,5 @@ if [ -z "$NATIVE_SO" ] || [ csrc/amd_fast_kernels.cpp -nt "$NATIVE_SO" ]; then
   .venv/bin/pip install -q --no-build-isolation --no-deps -e . \
     || echo "amd_fast: native kernels not built (README, Kernels); the PyTorch twins are used" >&2
 fi
-.venv/bin/python -c "import torch, amd_fast; print('amd_fast set up: torch', torch.__version__)"
+# fail here, not as a skipped test, if a dependency is missing
+.venv/bin/python -c "import torch, amd_fast, deepspeed, torchcodec, av, decord, triton, matplotlib; print('amd_fast set up: torch', torch.__version__, '| deepspeed', deepspeed.__version__)"
