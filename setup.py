@@ -56,7 +56,8 @@ setup(
         # DeepSpeed ZeRO (amd_fast/engine.py). On CPU machines install it with --no-deps after these (its own
         # requirement list would let pip replace the pinned torch); scripts/setup.sh does.
         "deepspeed": [
-            "deepspeed==0.19.8", "einops", "hjson", "msgpack", "ninja", "packaging", "psutil", "py-cpuinfo", "pydantic>=2",
+            "deepspeed==0.19.8", "einops", "hjson", "msgpack", "ninja", "packaging", "psutil", "py-cpuinfo",
+            "pydantic>=2",
         ],  # fmt: skip
         # Video files (amd_fast/data/decoders.py): torchcodec is the CPU decoder (needs the system FFmpeg libraries,
         # `apt-get install ffmpeg`), PyAV encodes the test media and is a fallback decoder, decord 0.6 is the
