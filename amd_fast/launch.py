@@ -41,6 +41,7 @@ def allocator_in_use() -> str:
 def ensure_allocator(choice: str) -> None:
     """Re-exec under the chosen allocator if it is not loaded yet. `default` leaves the process alone."""
     if choice == "default" or os.environ.get(_REEXEC_FLAG) or sys.platform != "linux":
+        log.info("malloc: %s (train.allocator=%s)", allocator_in_use(), choice)
         return
     names = AUTO_PREFERENCE if choice == "auto" else (choice,)
     for name in names:
