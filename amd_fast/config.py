@@ -9,7 +9,6 @@ Each builder receives its own section, never the whole config.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,8 +182,6 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{path} must be a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_check_value(f"{path}[{i}]", item_tp, v) for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise NotImplementedError(path)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
