@@ -6,10 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: the data, and tcmalloc (train.allocator=auto runs training under it: the fastest malloc
-# measured on this project's CPU machines, README "Speed").
+# measured on this project's CPU machines, README "Speed"); jemalloc only so that `benchmarks/step.py
+# --allocators` and tests/test_launch_and_options.py can compare it on a fresh machine.
 DEBS=""
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || DEBS="$DEBS dataset-fashion-mnist"
 [ -f /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] || [ "$(uname -m)" != x86_64 ] || DEBS="$DEBS libtcmalloc-minimal4"
+[ -f /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || [ "$(uname -m)" != x86_64 ] || DEBS="$DEBS libjemalloc2"
 if [ -n "$DEBS" ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get install -y -q $DEBS >/dev/null \
