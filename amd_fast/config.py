@@ -154,6 +154,70 @@ class DistConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Classification fine-tuning / evaluation (METHOD.md section 7; amd_fast/finetune.py)."""
+
+    init: str = ""  # pre-trained weights: amd_fast / VideoMAE / AMD / MAE files or a DeepSpeed directory; "": scratch
+    num_classes: int = 0  # 0: from the dataset
+    layer_decay: float = 0.75  # layer-wise LR decay: block i gets layer_decay ** (depth + 1 - (i + 1))
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # Beta(alpha, alpha) mixing; 0: off
+    cutmix: float = 1.0  # Beta(alpha, alpha) box; 0: off
+    mix_prob: float = 1.0  # probability of mixing a batch
+    switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
+    head_init_scale: float = 1e-3  # VideoMAE scales the head's init by this
+    test_clips: int = 1  # views per test video: clips x crops, softmax averaged per video
+    test_crops: int = 1  # [Kinetics 5 x 3, SSv2 2 x 3]
+    test_list: str = ""  # video_list: the test list ("": data.list_file); image_folder: see test_root
+    test_root: str = ""  # fashion-mnist arrays or image_folder root of the test split ("": data.root)
+    test_seed: int = 1234  # the test clips' seed (synthetic data), the same for every run
+    eval_only: bool = False
+    eval_interval: int = 0  # steps between evaluations; 0: at the end only
+    eval_size: int = 0  # test items (0: the whole test split)
+    eval_batch_size: int = 64
+
+
+@dataclass
+class FinetuneRunConfig:
+    """The root of a fine-tuning config (`amd_fast/finetune.py --config ...`)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(drop_path=0.1))
+    data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(base_lr=1e-3, min_lr=1e-6, betas=[0.9, 0.999], clip_grad=0.0)
+    )
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/finetune"))
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probing of a frozen encoder (amd_fast/probe.py): BatchNorm without affine + a linear head."""
+
+    init: str = ""  # the encoder's checkpoint; "": random init; "pixels": the raw-pixel floor (no encoder)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one probe per seed on the cached features
+    epochs: int = 30
+    lr: float = 1e-3  # AdamW, cosine to 0 over the epochs
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    train_size: int = 0  # training items whose features are extracted (0: the whole split)
+    test_size: int = 0
+    test_seed: int = 1234  # the test clips' seed (synthetic data), the same for every run
+    test_list: str = ""  # video_list: the test list ("": data.list_file)
+    test_root: str = ""  # fashion-mnist arrays or image_folder root of the test split ("": data.root)
+    cache_dir: str = ""  # "": <output_dir>/features; features are extracted once per checkpoint and data
+
+
+@dataclass
+class ProbeRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="outputs/probe"))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -240,8 +304,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Preset YAML (optional) + `a.b=value` overrides -> a checked `Config`."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, root: type = Config):
+    """Preset YAML (optional) + `a.b=value` overrides -> a checked `root` (`Config` or `FinetuneRunConfig`)."""
     tree: dict = {}
     if path:
         tree = yaml.safe_load(Path(path).read_text()) or {}
@@ -253,8 +317,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override '{item}' must look like section.field=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
-    cfg = _from_dict(Config, tree)
-    validate(cfg)
+    cfg = _from_dict(root, tree)
+    {Config: validate, FinetuneRunConfig: validate_finetune, ProbeRunConfig: validate_probe}[root](cfg)
     return cfg
 
 
@@ -316,7 +380,49 @@ def validate(cfg: Config) -> None:
         )
 
 
-def to_dict(cfg: Config) -> dict:
+def validate_finetune(cfg: FinetuneRunConfig) -> None:
+    f, d = cfg.finetune, cfg.data
+    for name in ("label_smoothing", "mix_prob", "switch_prob"):
+        if not 0.0 <= getattr(f, name) <= 1.0:
+            raise ConfigError(f"finetune.{name}={getattr(f, name)} must be in [0, 1]")
+    if f.mixup < 0 or f.cutmix < 0:
+        raise ConfigError(f"finetune.mixup={f.mixup} and finetune.cutmix={f.cutmix} must be >= 0 (0: off)")
+    if not 0.0 < f.layer_decay <= 1.0:
+        raise ConfigError(f"finetune.layer_decay={f.layer_decay} must be in (0, 1] (1: no decay)")
+    if f.test_clips < 1 or f.test_crops < 1:
+        raise ConfigError(f"finetune.test_clips={f.test_clips} and finetune.test_crops={f.test_crops} must be >= 1")
+    if f.test_clips > 1 and d.dataset != "video_list":
+        raise ConfigError(
+            f"finetune.test_clips={f.test_clips} needs data.dataset=video_list (temporal views of a decoded video); "
+            f"{d.dataset} clips have a fixed length: use finetune.test_crops"
+        )
+    _check_eval_data(cfg)
+    if d.num_sample != 1:
+        raise ConfigError(f"data.num_sample={d.num_sample}: fine-tuning takes one crop per decoded clip (1)")
+    if cfg.optim.accum_steps < 1:
+        raise ConfigError(f"optim.accum_steps={cfg.optim.accum_steps} must be >= 1")
+
+
+def _check_eval_data(cfg) -> None:
+    d = cfg.data
+    if d.dataset in ("fashion_mnist", "image_folder") and (d.num_frames != 1 or cfg.model.tubelet_size != 1):
+        raise ConfigError(
+            f"data.dataset={d.dataset} is an image dataset: data.num_frames={d.num_frames} and "
+            f"model.tubelet_size={cfg.model.tubelet_size} must both be 1"
+        )
+    if d.dataset == "video_list" and not d.list_file:
+        raise ConfigError("data.dataset=video_list needs data.list_file (a 'path label' list of video files)")
+
+
+def validate_probe(cfg: ProbeRunConfig) -> None:
+    _check_eval_data(cfg)
+    if not cfg.probe.seeds:
+        raise ConfigError("probe.seeds is empty: give at least one seed")
+    if cfg.probe.epochs < 1:
+        raise ConfigError(f"probe.epochs={cfg.probe.epochs} must be >= 1")
+
+
+def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 

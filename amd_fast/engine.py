@@ -72,8 +72,8 @@ class LocalEngine:
         self.rank, self.world_size = 0, 1
 
     def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        for g in self.optimizer.param_groups:  # lr_scale: layer-wise decay in fine-tuning (1 in pre-training)
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def forward(self, objective, batch):
         return objective(batch)
@@ -215,7 +215,7 @@ class DeepSpeedEngine:
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:  # the ZeRO optimizer forwards these to the wrapped AdamW's
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def forward(self, objective, batch):
         return self.engine(batch, objective)

@@ -54,12 +54,18 @@ def build_dataset(
     frame_stride: int = 4,
     num_sample: int = 1,
     decoder: str = "auto",
+    test_views: tuple[int, int] = (1, 1),
 ) -> Dataset:
     """Build a dataset by name; ``root=None`` means the Debian path. ``num_frames`` is ignored for images (T=1).
 
     ``video_list`` reads ``list_file`` (paths relative to ``prefix``); ``image_folder`` scans ``root``. Those two
     return ``FileClips`` items of ``num_sample`` clips each: batch them with ``collate_clips``.
+    ``test_views=(clips, crops)`` (eval only): each item gives clips x crops views (file datasets: as its clips;
+    moving_fashion_mnist: crops only, ``video`` [V, 3, T, H, W]); (1, 1) is the plain eval view.
     """
+    views = None if train or tuple(test_views) == (1, 1) else tuple(test_views)
+    if views is not None and (name == "fashion_mnist" or (name == "moving_fashion_mnist" and views[0] != 1)):
+        raise ValueError(f"dataset {name!r} has no test views {views} (moving_fashion_mnist: crops only)")
     _check_name(name)
     if name in FILE_DATASETS:
         if name == "video_list":
@@ -71,12 +77,15 @@ def build_dataset(
             entries = entries[:size]
         return FileClips(
             entries, kind=kind, input_size=input_size, sampler=sampler, seed=seed, train=train, mask_fn=mask_fn,
-            num_sample=num_sample, decoder=decoder,
+            num_sample=num_sample, decoder=decoder, test_views=views,
         )  # fmt: skip
     root = DEFAULT_ROOT if root is None else root
     if name == "fashion_mnist":
         return FashionMNISTImages(root, split, input_size, seed, train=train, mask_fn=mask_fn, size=size)
-    return MovingFashionMNIST(root, split, num_frames, input_size, seed, train=train, mask_fn=mask_fn, size=size)
+    crops = 1 if views is None else views[1]
+    return MovingFashionMNIST(
+        root, split, num_frames, input_size, seed, train=train, mask_fn=mask_fn, size=size, test_crops=crops
+    )
 
 
 __all__ = [

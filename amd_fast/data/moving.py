@@ -132,6 +132,7 @@ class MovingFashionMNIST(Dataset):
         mask_fn: MaskFn | None = None,
         size: int = 0,
         num_classes: int = NUM_MOTION_CLASSES,
+        test_crops: int = 1,
     ) -> None:
         if not 2 <= num_classes <= NUM_MOTION_CLASSES:
             raise ValueError(f"num_classes must be in [2, {NUM_MOTION_CLASSES}], got {num_classes}")
@@ -146,7 +147,9 @@ class MovingFashionMNIST(Dataset):
         self.train = train
         self.mask_fn = mask_fn
         self.num_classes = int(num_classes)
-        self.canvas = round(self.input_size * TRAIN_CANVAS_SCALE) if train else self.input_size
+        # eval with test_crops > 1: the training canvas, cut into input_size crops along its diagonal
+        self.test_crops = 1 if train else int(test_crops)
+        self.canvas = round(self.input_size * TRAIN_CANVAS_SCALE) if train or self.test_crops > 1 else self.input_size
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -159,9 +162,15 @@ class MovingFashionMNIST(Dataset):
         cx, cy, side = motion_trajectory(gen, label, self.num_frames, self.canvas)
         crop = multi_scale_crop_params(gen, self.canvas, self.canvas, self.input_size) if self.train else None
         garment_SS = self.images[i].to(torch.float32).div_(255.0)
-        frames_THW = render_clip(garment_SS, cx, cy, side, self.input_size, crop)
+        if self.test_crops > 1:  # views [V, 3, T, H, W]: crops of the canvas from top-left to bottom-right
+            S, slack = self.input_size, self.canvas - self.input_size
+            offs = [round(slack * c / (self.test_crops - 1)) for c in range(self.test_crops)]
+            views = [normalize(render_clip(garment_SS, cx, cy, side, S, (o, o, S, S)).unsqueeze(0)) for o in offs]
+            video = torch.stack(views)
+        else:
+            video = normalize(render_clip(garment_SS, cx, cy, side, self.input_size, crop).unsqueeze(0))
         item = {
-            "video": normalize(frames_THW.unsqueeze(0)),  # float32 [3, T, H, W]
+            "video": video,  # float32 [3, T, H, W] (test views: [V, 3, T, H, W])
             "label": torch.tensor(label, dtype=torch.int64),
             "index": torch.tensor(i, dtype=torch.int64),
         }

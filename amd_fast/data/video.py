@@ -77,6 +77,33 @@ class ClipSampler:
         return [start + seg * t + int(j) for t, j in enumerate(jitter)]
 
 
+    def views(self, n: int, clips: int, start: int = 0, end: int = -1) -> list[list[int]]:
+        """Test views: ``clips`` clips spread over the video (VideoMAE's test sampling) -> clips x [num_frames].
+
+        dense: window starts evenly spaced over the slack (one clip: the centered window); segments: the same
+        segments, the frame taken at ``clips`` evenly spaced offsets inside each (VideoMAE's SSv2 test loader).
+        """
+        last = n - 1 if end < 0 else min(end, n - 1)
+        avail = last - start + 1
+        if avail < self.window:
+            raise BadVideo(f"too short: {avail} frames < sampling window {self.window}")
+        T = self.num_frames
+        if self.mode == "dense":
+            slack = avail - self.window
+            offs = [slack // 2] if clips == 1 else [round(slack * c / (clips - 1)) for c in range(clips)]
+            return [[start + o + self.stride * t for t in range(T)] for o in offs]
+        seg = avail / T
+        return [[start + int(seg * t + seg * (c + 0.5) / clips) for t in range(T)] for c in range(clips)]
+
+
+def view_crops(h: int, w: int, crops: int) -> list[tuple[int, int, int, int]]:
+    """``crops`` squares of side min(h, w) spread along the long side (VideoMAE's 3-crop test; 1: the center)."""
+    side = min(h, w)
+    slack_h, slack_w = h - side, w - side
+    fr = [0.5] if crops == 1 else [c / (crops - 1) for c in range(crops)]
+    return [(round(slack_h * f), round(slack_w * f), side, side) for f in fr]
+
+
 def _norm_params(device=None) -> tuple[torch.Tensor, torch.Tensor]:
     # (x/255 - mean) / std == x * scale + bias, applied in one fused pass to the uint8 crop
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32)
@@ -129,6 +156,7 @@ class FileClips(Dataset):
         num_sample: int = 1,
         decoder: str = "auto",
         check: bool = True,
+        test_views: tuple[int, int] | None = None,
     ) -> None:
         if kind not in ("video", "image"):
             raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
@@ -142,6 +170,10 @@ class FileClips(Dataset):
         self.train = train
         self.mask_fn = mask_fn
         self.num_sample = int(num_sample)
+        # eval only: (clips, crops) views per file, returned as the item's clips (as num_sample's k crops)
+        self.test_views = test_views if not train else None
+        if self.test_views is not None and kind == "image" and self.test_views[0] != 1:
+            raise ValueError(f"images have one temporal view; got test_views={test_views}")
         self.decoder = select_decoder(decoder) if kind == "video" else None
         self._bad: dict[int, str] = {}  # per process: entries known bad, not decoded again
         if check:
@@ -169,10 +201,16 @@ class FileClips(Dataset):
 
             with Image.open(e.path) as im:
                 return torch.from_numpy(np.array(im.convert("RGB"))).unsqueeze(0)
-        sample_gen = gen if self.train else None  # eval: the centered window
-        frames = self.decoder.read(e.path, lambda n: self.sampler(n, sample_gen, e.start, e.end))
-        if frames.shape[0] != self.sampler.num_frames:
-            raise BadVideo(f"decoder returned {frames.shape[0]} frames, expected {self.sampler.num_frames}")
+        if self.test_views is not None:  # all clips' frames in one decode, clip after clip
+            clips = self.test_views[0]
+            frames = self.decoder.read(e.path, lambda n: sum(self.sampler.views(n, clips, e.start, e.end), []))
+            want = clips * self.sampler.num_frames
+        else:
+            sample_gen = gen if self.train else None  # eval: the centered window
+            frames = self.decoder.read(e.path, lambda n: self.sampler(n, sample_gen, e.start, e.end))
+            want = self.sampler.num_frames
+        if frames.shape[0] != want:
+            raise BadVideo(f"decoder returned {frames.shape[0]} frames, expected {want}")
         return frames
 
     def _try_load(self, i: int, gen: torch.Generator | None) -> tuple[torch.Tensor | None, str]:
@@ -237,12 +275,22 @@ class FileClips(Dataset):
             raise RuntimeError(f"{MAX_TRIES} bad files in a row for sample {g}: {skipped[-3:]}; check the list")
         h, w = frames.shape[1:3]
         clips, masks = [], []
+        if self.test_views is not None:  # clips x crops views, each a clip of the item
+            n_clips, n_crops = self.test_views
+            T = frames.shape[0] // n_clips
+            for c in range(n_clips):
+                for crop in view_crops(h, w, n_crops):
+                    clips.append(crop_resize_normalize(frames[c * T : (c + 1) * T], crop, self.input_size))
+            return self._item(clips, [], i, skipped)
         for _ in range(self.num_sample):
             crop, flip = self._crop(gen, h, w)
             clips.append(crop_resize_normalize(frames, crop, self.input_size, flip))
             if self.mask_fn is not None:
                 masks.append(self.mask_fn(gen))
-        k = self.num_sample
+        return self._item(clips, masks, i, skipped)
+
+    def _item(self, clips: list[torch.Tensor], masks: list[dict], i: int, skipped: list) -> dict:
+        k = len(clips)
         item = {
             "video": clips,  # k x float32 [3, T, S, S]; collate_clips stacks them once, into the batch
             "label": torch.full((k,), self.entries[i].label, dtype=torch.int64),
