@@ -31,11 +31,17 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 
 from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.config import ConfigError, FinetuneRunConfig, load_config, to_dict  # noqa: E402
-from amd_fast.data import DATASETS, FileClips, SkipLog, build_dataset, collate_clips  # noqa: E402
-from amd_fast.data import EpochSampler, file_worker_init  # noqa: E402
+from amd_fast.data import DATASETS, EpochSampler, FileClips, SkipLog, build_dataset, collate_clips, file_worker_init  # noqa: E402  # noqa: E402
 from amd_fast.device import autocast_dtype, default_device  # noqa: E402
-from amd_fast.engine import DeepSpeedEngine, LocalEngine, consolidate, dist_env, find_resume  # noqa: E402
-from amd_fast.engine import is_ds_checkpoint, uses_deepspeed  # noqa: E402
+from amd_fast.engine import (  # noqa: E402  # noqa: E402
+    DeepSpeedEngine,
+    LocalEngine,
+    consolidate,
+    dist_env,
+    find_resume,
+    is_ds_checkpoint,
+    uses_deepspeed,
+)
 from amd_fast.models.classifier import VideoClassifier, layer_decay_groups, load_classifier  # noqa: E402
 from amd_fast.models.vit import build_encoder  # noqa: E402
 from amd_fast.optim import lr_at, scaled_lrs  # noqa: E402
@@ -137,7 +143,14 @@ class Finetuner:
         self.train_set = None
         if not f.eval_only:
             self.train_set = build_dataset(
-                d.dataset, split="train", seed=t.seed, train=True, size=d.size, list_file=d.list_file, **common
+                d.dataset,
+                split="train",
+                seed=t.seed,
+                train=True,
+                size=d.size,
+                list_file=d.list_file,
+                min_crop_scale=d.min_crop_scale,
+                **common,
             )
         test_list = f.test_list or d.list_file
         test_root = f.test_root or d.root
@@ -190,7 +203,8 @@ class Finetuner:
 
     def batches(self):
         d = self.cfg.data
-        sampler = EpochSampler(len(self.train_set), seed=self.cfg.train.seed, rank=self.rank, world_size=self.world_size)
+        n = len(self.train_set)
+        sampler = EpochSampler(n, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world_size)
         per_epoch = sampler.num_per_rank // d.batch_size
         if per_epoch == 0:
             raise ValueError(f"data.batch_size={d.batch_size} > this rank's {sampler.num_per_rank} training samples")

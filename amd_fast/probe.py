@@ -165,8 +165,9 @@ def run_probe(cfg: ProbeRunConfig) -> dict:
         torch.set_num_threads(cfg.train.threads)
     train, test, classes = features(cfg)
     runs = [
-        train_probe(train, test, classes, seed=s, epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay,
-                    batch_size=p.batch_size)  # fmt: skip
+        train_probe(
+            train, test, classes, seed=s, epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size
+        )  # fmt: skip
         for s in p.seeds
     ]
     accs = [r["top1"] for r in runs]

@@ -2,15 +2,23 @@ from pathlib import Path
 
 import pytest
 
-from amd_fast.config import ConfigError, load_config
+from amd_fast.config import ConfigError, FinetuneRunConfig, ProbeRunConfig, load_config
 
 PRESETS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_presets_load(preset):
-    cfg = load_config(preset)
-    assert cfg.objective.name in ("amd", "dmae", "mae")
+    """Every preset loads into its kind of config: fine-tuning, probing or pre-training."""
+    if preset.name.startswith("finetune_"):
+        cfg = load_config(preset, root=FinetuneRunConfig)
+        assert cfg.finetune.layer_decay == 0.75 and cfg.model.drop_path == 0.1
+    elif preset.name.startswith("probe_"):
+        cfg = load_config(preset, root=ProbeRunConfig)
+        assert cfg.probe.seeds == [0, 1, 2]
+    else:
+        cfg = load_config(preset)
+        assert cfg.objective.name in ("amd", "dmae", "mae")
 
 
 def test_dotted_overrides_are_typed():

@@ -34,9 +34,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, out: Path, *overrides: str, launcher: str = "torchrun") -> str:
-    """Run amd_fast/train.py on `nproc` CPU ranks; returns the output (asserting success)."""
-    args = ["amd_fast/train.py", *TINY, f"train.output_dir={out}", *overrides]
+def launch(nproc: int, out: Path, *overrides: str, launcher: str = "torchrun", script: str = "amd_fast/train.py",
+           base: tuple = tuple(TINY)) -> str:  # fmt: skip
+    """Run `script` (train.py with the tiny preset) on `nproc` CPU ranks; returns the output (asserting success)."""
+    args = [script, *base, f"train.output_dir={out}", *overrides]
     port = str(_free_port())
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
@@ -211,3 +212,31 @@ def test_a_non_finite_step_on_one_rank_is_skipped_on_all(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     for rank in (0, 1):
         assert f"rank {rank}: skipped [3] total 1" in r.stdout
+
+
+def test_finetune_on_2_ranks_matches_one_process(tmp_path):
+    """`deepspeed amd_fast/finetune.py` with ZeRO-2: 2 ranks x micro-batch 16 == 1 process x 32 (no mixup and no
+    drop path, which draw per rank), and the test accuracy is summed over the ranks' shards."""
+    from amd_fast.config import FinetuneRunConfig, load_config
+    from amd_fast.finetune import Finetuner
+
+    base = ("--config", str(ROOT / "configs" / "finetune_tiny_image.yaml"), "model.embed_dim=48", "model.depth=2",
+            "model.patch_size=7", "data.input_size=28", "data.size=512", "data.num_workers=0", "model.drop_path=0",
+            "finetune.mixup=0", "finetune.cutmix=0", "finetune.eval_size=200", "train.steps=4", "train.log_interval=2",
+            "train.save_interval=4")  # fmt: skip
+    out = launch(2, tmp_path / "ds", "data.batch_size=16", "dist.deepspeed_config=zero2", launcher="deepspeed",
+                 script="amd_fast/finetune.py", base=base)  # fmt: skip
+    assert "ZeRO stage 2, 2 ranks" in out
+    ds_eval = json.loads((tmp_path / "ds" / "eval.json").read_text().splitlines()[-1])
+    assert ds_eval["videos"] == 200
+
+    cfg = load_config(base[1], [*base[2:], "data.batch_size=32", f"train.output_dir={tmp_path / 'one'}"],
+                      root=FinetuneRunConfig)  # fmt: skip
+    single = Finetuner(cfg)
+    one_eval = single.train()
+    state = consolidate(tmp_path / "ds" / "checkpoint-4")
+    ref = single.model.state_dict()
+    assert state["model"].keys() == ref.keys()
+    for k, v in ref.items():
+        torch.testing.assert_close(state["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert ds_eval["top1"] == pytest.approx(one_eval["top1"], abs=0.5)  # 200 items: at most one may flip

@@ -216,7 +216,8 @@ def test_reconstruction_uses_only_what_the_model_saw():
     # change a hidden patch of sample 0: the honest reconstruction cannot move, VideoMAE's (true stats) does
     r, c = divmod(hidden, 4)
     video2 = video.clone()
-    video2[0, :, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] = video2[0, :, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] * 3 + 1
+    hid = (0, slice(None), slice(None), slice(4 * r, 4 * r + 4), slice(4 * c, 4 * c + 4))
+    video2[hid] = video2[hid] * 3 + 1
     out2 = reconstruct(model, video2, masks)
     assert torch.equal(out["recon"], out2["recon"])
     assert not torch.equal(out["recon_videomae"], out2["recon_videomae"])

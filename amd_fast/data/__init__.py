@@ -55,6 +55,7 @@ def build_dataset(
     num_sample: int = 1,
     decoder: str = "auto",
     test_views: tuple[int, int] = (1, 1),
+    min_crop_scale: float = 0.2,
 ) -> Dataset:
     """Build a dataset by name; ``root=None`` means the Debian path. ``num_frames`` is ignored for images (T=1).
 
@@ -77,11 +78,13 @@ def build_dataset(
             entries = entries[:size]
         return FileClips(
             entries, kind=kind, input_size=input_size, sampler=sampler, seed=seed, train=train, mask_fn=mask_fn,
-            num_sample=num_sample, decoder=decoder, test_views=views,
+            num_sample=num_sample, decoder=decoder, test_views=views, min_crop_scale=min_crop_scale,
         )  # fmt: skip
     root = DEFAULT_ROOT if root is None else root
     if name == "fashion_mnist":
-        return FashionMNISTImages(root, split, input_size, seed, train=train, mask_fn=mask_fn, size=size)
+        return FashionMNISTImages(
+            root, split, input_size, seed, train=train, mask_fn=mask_fn, size=size, min_crop_scale=min_crop_scale
+        )
     crops = 1 if views is None else views[1]
     return MovingFashionMNIST(
         root, split, num_frames, input_size, seed, train=train, mask_fn=mask_fn, size=size, test_crops=crops

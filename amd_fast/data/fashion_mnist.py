@@ -91,7 +91,8 @@ class FashionMNISTImages(Dataset):
 
     Indexed by a *global sample index* ``g`` (see ``EpochSampler``): the item is image ``g % len(self)`` and all its
     randomness comes from ``torch.Generator().manual_seed(sample_seed(seed, g))``.
-    Train: RandomResizedCrop(scale=(0.2, 1), ratio=(3/4, 4/3)) + horizontal flip (p=0.5); eval: plain resize.
+    Train: RandomResizedCrop(scale=(min_crop_scale, 1), ratio=(3/4, 4/3)) + horizontal flip (p=0.5); eval: plain
+    resize.
     Item: ``{"video": float32 [3, 1, H, W], "label": int64 [], "index": int64 []}`` plus ``mask_fn(gen)`` entries.
     """
 
@@ -104,8 +105,10 @@ class FashionMNISTImages(Dataset):
         train: bool = True,
         mask_fn: MaskFn | None = None,
         size: int = 0,
+        min_crop_scale: float = RRC_SCALE[0],
     ) -> None:
         images, labels = load_fashion_mnist(root, split)
+        self.crop_scale = (float(min_crop_scale), 1.0)
         n = _check_size(size, images.shape[0])
         self.images = images[:n]  # uint8 [N, 28, 28]
         self.labels = labels[:n]  # int64 [N]
@@ -124,7 +127,7 @@ class FashionMNISTImages(Dataset):
         h, w = self.images.shape[-2:]
         x = self.images[i].to(torch.float32).div_(255.0).view(1, 1, h, w)  # CTHW, C=T=1
         if self.train:
-            top, left, ch, cw = random_resized_crop_params(gen, h, w, RRC_SCALE, RRC_RATIO)
+            top, left, ch, cw = random_resized_crop_params(gen, h, w, self.crop_scale, RRC_RATIO)
             x = apply_crop_resize(x, top, left, ch, cw, self.input_size)
             if torch.rand(1, generator=gen).item() < 0.5:
                 x = x.flip(-1)

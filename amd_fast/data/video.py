@@ -76,7 +76,6 @@ class ClipSampler:
         jitter = torch.randint(0, seg, (T,), generator=gen) if gen is not None else torch.full((T,), seg // 2)
         return [start + seg * t + int(j) for t, j in enumerate(jitter)]
 
-
     def views(self, n: int, clips: int, start: int = 0, end: int = -1) -> list[list[int]]:
         """Test views: ``clips`` clips spread over the video (VideoMAE's test sampling) -> clips x [num_frames].
 
@@ -157,6 +156,7 @@ class FileClips(Dataset):
         decoder: str = "auto",
         check: bool = True,
         test_views: tuple[int, int] | None = None,
+        min_crop_scale: float = RRC_SCALE[0],
     ) -> None:
         if kind not in ("video", "image"):
             raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
@@ -172,6 +172,7 @@ class FileClips(Dataset):
         self.num_sample = int(num_sample)
         # eval only: (clips, crops) views per file, returned as the item's clips (as num_sample's k crops)
         self.test_views = test_views if not train else None
+        self.crop_scale = (float(min_crop_scale), 1.0)  # images: RandomResizedCrop's area range
         if self.test_views is not None and kind == "image" and self.test_views[0] != 1:
             raise ValueError(f"images have one temporal view; got test_views={test_views}")
         self.decoder = select_decoder(decoder) if kind == "video" else None
@@ -256,7 +257,7 @@ class FileClips(Dataset):
             side = min(h, w)
             return ((h - side) // 2, (w - side) // 2, side, side), False
         if self.kind == "image":
-            crop = random_resized_crop_params(gen, h, w, RRC_SCALE, RRC_RATIO)
+            crop = random_resized_crop_params(gen, h, w, self.crop_scale, RRC_RATIO)
             return crop, bool(torch.rand(1, generator=gen) < 0.5)
         return multi_scale_crop_params(gen, h, w, S, MSC_SCALES), False  # no flip for video (METHOD.md s6)
 

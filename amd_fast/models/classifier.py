@@ -70,9 +70,9 @@ def layer_decay_groups(model: VideoClassifier, weight_decay: float, layer_decay:
             continue
         lid = layer_id(name, depth)
         no_decay = p.ndim <= 1 or name.endswith(".bias") or name.endswith("token")
+        wd = 0.0 if no_decay else weight_decay
         g = groups.setdefault(
-            (lid, no_decay),
-            {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": layer_decay ** (depth + 1 - lid)},
+            (lid, no_decay), {"params": [], "weight_decay": wd, "lr_scale": layer_decay ** (depth + 1 - lid)}
         )
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]
