@@ -51,18 +51,23 @@ def build_student(
     return model
 
 
-def build_teacher(teacher_cfg, teacher_layers: list[int], device: torch.device, *, img_size, num_frames):
+def build_teacher(teacher_cfg, teacher_layers: list[int], device: torch.device, *, img_size, num_frames,
+                  partition=None):  # fmt: skip
+    """partition: the engine's ZeRO-3 sharding of the teacher (teacher.zero3), or None (replicated)."""
     if not teacher_cfg.checkpoint:
         raise ValueError("teacher.checkpoint is empty: give a (Video)MAE checkpoint, or let train.py pre-train one")
     encoder = build_encoder(teacher_cfg.model, img_size=img_size, num_frames=num_frames)
     load_encoder(encoder, teacher_cfg.checkpoint)
-    teacher = make_frozen_teacher(encoder.to(device), teacher_layers, teacher_cfg.dtype, device)
-    log.info("teacher: %s, runs in %s up to block %d", teacher_cfg.checkpoint, teacher_cfg.dtype, max(teacher_layers))
+    teacher = make_frozen_teacher(encoder.to(device), teacher_layers, teacher_cfg.dtype, device, partition)
+    log.info("teacher: %s, runs in %s up to block %d%s", teacher_cfg.checkpoint, teacher_cfg.dtype,
+             max(teacher_layers), ", ZeRO-3 partitioned" if partition else "")  # fmt: skip
     return teacher
 
 
-def make_frozen_teacher(encoder, layers: list[int], setting: str, device: torch.device) -> FrozenTeacher:
+def make_frozen_teacher(encoder, layers: list[int], setting: str, device: torch.device, partition=None):
     """Freeze an encoder as a teacher in the precision `setting` names (auto: decided by the device)."""
+    if setting == "int8" and partition is not None:
+        raise ValueError("teacher.dtype=int8 and teacher.zero3 do not combine (ZeRO-3 shards float weights)")
     if setting == "int8":
         if device.type != "cpu":
             raise ValueError("teacher.dtype=int8 is the CPU option (dynamic int8, VNNI); on GPUs use bfloat16")
@@ -76,7 +81,7 @@ def make_frozen_teacher(encoder, layers: list[int], setting: str, device: torch.
             encoder = quantize_dynamic(encoder.eval(), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
         return FrozenTeacher(encoder, layers, torch.float32)
     dtype = fast_dtype(device) if setting == "auto" else getattr(torch, setting)
-    return FrozenTeacher(encoder, layers, dtype)
+    return FrozenTeacher(encoder, layers, dtype, partition)
 
 
 def build_mask_generator(mask_cfg: MaskConfig, objective: str, grid: tuple[int, int, int]) -> MaskGenerator:

@@ -58,6 +58,9 @@ class TeacherConfig:
     # int8 CHANGES THE MATH: dynamic int8 quantization of the teacher's linears (CPU, VNNI), ~2x faster teacher
     # forward with a small target error (benchmarks/mask_sweep.py reports it).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
+    # DeepSpeed runs: partition the frozen teacher's weights over the ranks with ZeRO-3 (each rank holds 1/world,
+    # a forward all-gathers them module by module) instead of replicating it -- for teachers too large to replicate
+    zero3: bool = False
     # Used only when `checkpoint` is empty: the `mae` run that makes the teacher.
     pretrain_steps: int = 0
     pretrain_decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(embed_dim=192, depth=2, num_heads=3))

@@ -168,6 +168,44 @@ def _skip_cpu_shm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def partition_teacher(module: nn.Module, dtype: torch.dtype, backend: str = "auto") -> nn.Module:
+    """A frozen module as a ZeRO-3 inference engine (DeepSpeed's ZeRO-Inference: no optimizer): every rank keeps
+    1/world of each weight and a forward all-gathers a module's weights when it runs, then frees them. Costs one
+    all-gather of the teacher per step; saves (world - 1) / world of its memory on every rank."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _skip_cpu_shm_build()
+    deepspeed.init_distributed(dist_backend=backend if backend != "auto" else _default_backend())
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,  # required by the config parser; nothing is trained
+        "steps_per_print": 1_000_000_000,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False},
+    }
+    if dtype == torch.bfloat16:
+        cfg["bf16"] = {"enabled": True}
+    elif dtype == torch.float16:
+        cfg["fp16"] = {"enabled": True}
+    engine = deepspeed.initialize(model=module, config=cfg)[0]
+    engine.eval()
+    params = list(module.parameters())
+    local = sum(p.ds_tensor.numel() for p in params)
+    full = sum(p.ds_numel for p in params)
+    log.info("teacher: ZeRO-3 over %d ranks, %d of %d parameters on this rank", dist_size(), local, full)
+    return engine
+
+
+def _default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def dist_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 class DeepSpeedEngine:
     kind = "deepspeed"
 

@@ -74,23 +74,45 @@ def alignment_loss(
     return distance(z, target_BVT, kind), z
 
 
+class TeacherForward(nn.Module):
+    """The teacher's forward as one module call -> raw block outputs at `layers`, in that order (a tuple: DeepSpeed's
+    hooks walk outputs and take dict keys for names): what a ZeRO-3 engine wraps, so that it gathers each block's
+    weights as the forward reaches it."""
+
+    def __init__(self, encoder: VisionTransformer, layers: tuple[int, ...]):
+        super().__init__()
+        self.encoder, self.layers = encoder, layers
+
+    def forward(self, patches_BNK: torch.Tensor, ids_BV: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.encoder.forward_features(patches_BNK, ids_BV, self.layers, stop_after=max(self.layers))[1]
+        return tuple(feats[k] for k in self.layers)
+
+
 class FrozenTeacher:
     """A frozen (Video)MAE encoder: eval mode, no grads, fastest inference dtype, stops early.
 
-    Not an nn.Module on purpose: it must never reach the optimizer or a data-parallel engine.
+    Not an nn.Module on purpose: it must never reach the optimizer or the student's data-parallel engine.
+    `partition` (teacher.zero3, from the engine module): turns `TeacherForward` into a ZeRO-3 inference engine
+    whose weights are sharded over the ranks; without it every rank holds the whole teacher.
     """
 
-    def __init__(self, encoder: VisionTransformer, layers: list[int], dtype: torch.dtype):
+    def __init__(self, encoder: VisionTransformer, layers: list[int], dtype: torch.dtype, partition=None):
         self.encoder = encoder.eval().requires_grad_(False).to(dtype)
         self.layers = tuple(layers)
         self.dtype = dtype
         if max(layers) > encoder.depth:
             raise ValueError(f"teacher layer {max(layers)} > teacher depth {encoder.depth}")
+        self.forward = TeacherForward(self.encoder, self.layers)
+        self.sharded = partition is not None
+        if self.sharded:
+            self.forward = partition(self.forward, dtype)
 
     def features(self, patches_BNK: torch.Tensor, ids_BV: torch.Tensor) -> dict[int, torch.Tensor]:
         """Raw block outputs at the aligned layers, at least fp32, [B, V, D_t] (CLS row dropped)."""
-        with torch.inference_mode():
-            _, feats = self.encoder.forward_features(patches_BNK, ids_BV, self.layers, stop_after=max(self.layers))
+        # ZeRO-3's all-gathers write into parameter storage, which inference mode forbids: no_grad there
+        with torch.no_grad() if self.sharded else torch.inference_mode():
+            outs = self.forward(patches_BNK, ids_BV)
+        feats = dict(zip(self.layers, outs))
         p = self.encoder.num_prefix
         # Leaving inference mode: inference tensors cannot be saved for backward, so the targets are
         # copied into normal fp32 tensors (small: [B, V_t, D_t] per layer).

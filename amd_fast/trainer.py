@@ -8,6 +8,7 @@ backward, clipping, the optimizer step, metric reduction across ranks and checkp
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from amd_fast.engine import (
     consolidate,
     find_resume,
     is_ds_checkpoint,
+    partition_teacher,
     uses_deepspeed,
 )
 from amd_fast.flops import step_flops
@@ -75,9 +77,16 @@ class Trainer:
         ).to(self.device)
         self.teacher = teacher
         if cfg.objective.name in ("amd", "dmae") and teacher is None:
+            partition = None
+            if cfg.teacher.zero3:
+                if not uses_deepspeed(cfg.dist, world_size):
+                    raise ValueError("teacher.zero3=true shards the teacher over DeepSpeed ranks: launch with "
+                                     "deepspeed / torchrun on several ranks, or set dist.engine=deepspeed")  # fmt: skip
+                partition = functools.partial(partition_teacher, backend=cfg.dist.backend)
             self.teacher = build_teacher(
-                cfg.teacher, cfg.objective.teacher_layers, self.device, img_size=img_size, num_frames=num_frames
-            )
+                cfg.teacher, cfg.objective.teacher_layers, self.device, img_size=img_size, num_frames=num_frames,
+                partition=partition,
+            )  # fmt: skip
         self.objective = build_objective(cfg.objective, self.model, self.teacher)
         self.masks = build_mask_generator(cfg.mask, cfg.objective.name, self.model.encoder.grid)
 
@@ -103,7 +112,9 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.flops = step_flops(self.model, self.teacher, self.masks.counts, cfg.objective.name, d.batch_size)
-        n_teacher = 0 if self.teacher is None else sum(p.numel() for p in self.teacher.encoder.parameters())
+        # ds_numel: a ZeRO-3 partitioned parameter's full size (its numel() is this rank's share)
+        n_teacher = 0 if self.teacher is None else sum(getattr(p, "ds_numel", p.numel())
+                                                        for p in self.teacher.encoder.parameters())  # fmt: skip
         log.info(
             "model: student %.1fM trainable params, teacher %s; global batch %d (micro %d x accum %d x ranks %d); "
             "lr %.3g; %.1f GFLOP per micro-batch step; autocast %s",

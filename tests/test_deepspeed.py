@@ -7,6 +7,7 @@ give the same losses and weights up to fp32 summation order.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -240,3 +241,31 @@ def test_finetune_on_2_ranks_matches_one_process(tmp_path):
     for k, v in ref.items():
         torch.testing.assert_close(state["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
     assert ds_eval["top1"] == pytest.approx(one_eval["top1"], abs=0.5)  # 200 items: at most one may flip
+
+
+def test_teacher_partitioned_with_zero3_gives_the_same_losses(tmp_path, teacher):
+    """teacher.zero3: each of 2 ranks holds half the teacher's weights, all-gathered per module in its forward;
+    the losses are those of the replicated teacher (same ranks, same batches) within fp32 tolerance."""
+    args = [*common(teacher, 3), "train.save_interval=3", "dist.deepspeed_config=zero2", "data.batch_size=8"]
+    launch(2, tmp_path / "replicated", *args)
+    out = launch(2, tmp_path / "sharded", *args, "teacher.zero3=true")
+    m = re.search(r"teacher: ZeRO-3 over 2 ranks, (\d+) of (\d+) parameters on this rank", out)
+    assert m, out[-3000:]
+    local, full = int(m[1]), int(m[2])
+    assert abs(local - full / 2) <= 64, (local, full)  # half, up to alignment padding
+    rep, sh = (
+        read_metrics(tmp_path / "replicated" / "metrics.jsonl"),
+        read_metrics(tmp_path / "sharded" / "metrics.jsonl"),
+    )
+    assert [r["step"] for r in sh] == [1, 2, 3]
+    for a, b in zip(sh, rep):
+        for k in ("loss", "rec", "dir", "gen"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5), (a["step"], k)
+    rel = max(abs(a[k] - b[k]) / abs(b[k]) for a, b in zip(sh, rep) for k in ("loss", "rec", "dir", "gen"))
+    print(f"\nteacher ZeRO-3 on 2 ranks: {local} of {full} teacher parameters per rank; max relative loss difference "
+          f"vs the replicated teacher {rel:.1e} over 3 steps")  # fmt: skip
+
+
+def test_teacher_zero3_needs_deepspeed(tmp_path, teacher):
+    with pytest.raises(ValueError, match="teacher.zero3=true"):
+        Trainer(tiny(tmp_path, *common(teacher, 1), "teacher.zero3=true"))
