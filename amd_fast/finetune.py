@@ -139,7 +139,8 @@ class Finetuner:
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         common = dict(root=d.root, input_size=d.input_size, num_frames=d.num_frames, prefix=d.prefix,
-                      sampling=d.sampling, frame_stride=d.frame_stride, decoder=d.decoder)  # fmt: skip
+                      sampling=d.sampling, frame_stride=d.frame_stride, decoder=d.decoder,
+                      invert_prob=d.invert_prob)  # fmt: skip
         self.train_set = None
         if not f.eval_only:
             self.train_set = build_dataset(
@@ -282,15 +283,19 @@ class Finetuner:
         ds = self.test_set
         files = isinstance(ds, FileClips)
         items_per_batch = max(1, f.eval_batch_size // self.views)
+        # Every rank runs the same number of forwards (ZeRO-3 all-gathers weights collectively in each): the shards
+        # are padded to equal length by wrapping around, and the padding rows are not counted.
+        n, w = len(ds), self.world_size
+        order = [self.rank + k * w for k in range(-(-n // w))]
+        real = torch.tensor([i < n for i in order])
         loader = DataLoader(
-            ds, batch_size=items_per_batch, sampler=list(range(self.rank, len(ds), self.world_size)),
-            num_workers=self.cfg.data.num_workers, collate_fn=collate_clips if files else None,
-            generator=torch.Generator(),
+            ds, batch_size=items_per_batch, sampler=[i % n for i in order], num_workers=self.cfg.data.num_workers,
+            collate_fn=collate_clips if files else None, generator=torch.Generator(),
         )  # fmt: skip
         self.model.eval()
         fwd = ViewLogits(self.model)
         c1 = c5 = count = 0
-        skipped = 0
+        skipped = seen = 0
         for batch in loader:
             video, labels = batch["video"], batch["label"]
             skipped += len(batch.get("skipped", ()))
@@ -302,19 +307,22 @@ class Finetuner:
                 logits = self.engine.forward(fwd, video.to(self.device))
             probs = logits.float().softmax(-1).view(labels.shape[0], self.views, -1).mean(1)
             top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices.cpu()
-            c1 += int((top[:, 0] == labels).sum())
-            c5 += int((top == labels[:, None]).any(-1).sum())
-            count += labels.shape[0]
+            keep = real[seen : seen + labels.shape[0]]
+            seen += labels.shape[0]
+            c1 += int(((top[:, 0] == labels) & keep).sum())
+            c5 += int(((top == labels[:, None]).any(-1) & keep).sum())
+            count += int(keep.sum())
         self.model.train()
         sums = self.engine.reduce_metrics({"c1": torch.tensor(float(c1)), "c5": torch.tensor(float(c5)),
-                                           "n": torch.tensor(float(count))}, 1)  # fmt: skip
+                                           "n": torch.tensor(float(count)), "skipped": torch.tensor(float(skipped))},
+                                          1)  # fmt: skip
         res = {
             "step": self.step,
             "top1": 100.0 * sums["c1"] / sums["n"],
             "top5": 100.0 * sums["c5"] / sums["n"],
             "videos": int(round(sums["n"] * self.world_size)),
             "views": [f.test_clips, f.test_crops],
-            "skipped_test_files": skipped,
+            "skipped_test_files": int(round(sums["skipped"] * self.world_size)),
         }
         log.info("eval step %d: top-1 %.2f top-5 %.2f over %d test items, %d x %d views",
                  self.step, res["top1"], res["top5"], res["videos"], f.test_clips, f.test_crops)  # fmt: skip

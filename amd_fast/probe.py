@@ -136,7 +136,7 @@ def features(cfg: ProbeRunConfig) -> tuple[tuple, tuple, int]:
     p, d = cfg.probe, cfg.data
     cache = Path(p.cache_dir or Path(cfg.train.output_dir) / "features") / f"{_fingerprint(cfg)}.pt"
     common = dict(input_size=d.input_size, num_frames=d.num_frames, prefix=d.prefix, sampling=d.sampling,
-                  frame_stride=d.frame_stride, decoder=d.decoder)  # fmt: skip
+                  frame_stride=d.frame_stride, decoder=d.decoder, invert_prob=d.invert_prob)  # fmt: skip
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
         log.info("features from cache %s", cache)

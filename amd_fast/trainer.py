@@ -137,7 +137,7 @@ class Trainer:
             d.dataset, root=d.root, split="train", input_size=d.input_size, num_frames=d.num_frames,
             seed=t.seed, train=True, mask_fn=self.masks, size=d.size, list_file=d.list_file, prefix=d.prefix,
             sampling=d.sampling, frame_stride=d.frame_stride, num_sample=d.num_sample, decoder=d.decoder,
-            min_crop_scale=d.min_crop_scale,
+            min_crop_scale=d.min_crop_scale, invert_prob=d.invert_prob,
         )  # fmt: skip
         # File datasets: each loader item is one decoded file giving num_sample clips; data.batch_size counts
         # clips (as the references' batch_size * num_sample), so the loader batches batch_size / num_sample files.

@@ -85,8 +85,8 @@ def reconstruct(model: PretrainModel, video_BCTHW: torch.Tensor, masks: dict, no
     }
 
 
-COLUMNS = (("input", "input"), ("masked", "mask (grey: hidden)"), ("recon", "reconstruction"),
-           ("recon_videomae", "VideoMAE-style (true patch stats)"))  # fmt: skip
+COLUMNS = (("input", "input"), ("masked", "mask\n(grey: hidden)"), ("recon", "reconstruction\n(visible stats)"),
+           ("recon_videomae", "VideoMAE-style\n(true patch stats)"))  # fmt: skip
 
 
 def save_grid(out: dict, path: str | Path, frames: int = 4, title: str = "") -> Path:
@@ -98,7 +98,8 @@ def save_grid(out: dict, path: str | Path, frames: int = 4, title: str = "") -> 
 
     B, _, T = out["input"].shape[:3]
     ts = torch.linspace(0, T - 1, min(frames, T)).round().long().tolist()
-    fig, axes = plt.subplots(B, len(COLUMNS), figsize=(2.2 * len(COLUMNS) * len(ts) / 2 + 1, 2.2 * B), squeeze=False)
+    width = max(2.4, 1.1 * len(ts))  # per column: room for the title even for one frame
+    fig, axes = plt.subplots(B, len(COLUMNS), figsize=(width * len(COLUMNS), 2.2 * B + 0.6), squeeze=False)
     for b in range(B):
         for c, (key, name) in enumerate(COLUMNS):
             strip = torch.cat([out[key][b, :, t] for t in ts], dim=-1)  # [C, H, W * frames]
@@ -128,7 +129,7 @@ def visualize_checkpoint(src: str | Path, out_path: str | Path, samples: int = 4
     model.load_state_dict(state["model"])
     ds = build_dataset(d.dataset, root=d.root, split="test", input_size=d.input_size, num_frames=d.num_frames,
                        seed=seed, train=False, list_file=d.list_file, prefix=d.prefix, sampling=d.sampling,
-                       frame_stride=d.frame_stride, decoder=d.decoder)  # fmt: skip
+                       frame_stride=d.frame_stride, decoder=d.decoder, invert_prob=d.invert_prob)  # fmt: skip
     items = [ds[i] for i in range(samples)]
     video = torch.stack([it["video"][0] if isinstance(it["video"], list) else it["video"] for it in items])
     masks_gen = build_mask_generator(cfg.mask, "mae", model.encoder.grid)

@@ -56,6 +56,7 @@ def build_dataset(
     decoder: str = "auto",
     test_views: tuple[int, int] = (1, 1),
     min_crop_scale: float = 0.2,
+    invert_prob: float = 0.0,
 ) -> Dataset:
     """Build a dataset by name; ``root=None`` means the Debian path. ``num_frames`` is ignored for images (T=1).
 
@@ -87,8 +88,9 @@ def build_dataset(
         )
     crops = 1 if views is None else views[1]
     return MovingFashionMNIST(
-        root, split, num_frames, input_size, seed, train=train, mask_fn=mask_fn, size=size, test_crops=crops
-    )
+        root, split, num_frames, input_size, seed, train=train, mask_fn=mask_fn, size=size, test_crops=crops,
+        invert_prob=invert_prob,
+    )  # fmt: skip
 
 
 __all__ = [

@@ -11,7 +11,9 @@ from how the object moves across frames:
     4 grow    object approaches: its side grows geometrically (x0.5-0.7 -> x1.2-1.45 of the base side)
     5 shrink  object recedes: the reverse of grow
 
-With ``num_classes=k < 6`` only the first k classes are used. Geometry (canvas units, canvas side S): base object
+With ``num_classes=k < 6`` only the first k classes are used. ``invert_prob``: the share of clips drawn dark on a
+bright canvas (the study's video task, where a linear read-out of the raw pixels must not solve the motion).
+Geometry (canvas units, canvas side S): base object
 side ``round(0.45 * S)``; translations travel 30-60% of S between the first and the last frame at constant speed,
 starting so that the object stays mostly inside the canvas (at most a quarter of its side sticks out); grow/shrink
 keep a fixed random center. Item i always shows garment i, the motion/label/crop come from the per-sample generator.
@@ -133,6 +135,7 @@ class MovingFashionMNIST(Dataset):
         size: int = 0,
         num_classes: int = NUM_MOTION_CLASSES,
         test_crops: int = 1,
+        invert_prob: float = 0.0,
     ) -> None:
         if not 2 <= num_classes <= NUM_MOTION_CLASSES:
             raise ValueError(f"num_classes must be in [2, {NUM_MOTION_CLASSES}], got {num_classes}")
@@ -149,6 +152,9 @@ class MovingFashionMNIST(Dataset):
         self.num_classes = int(num_classes)
         # eval with test_crops > 1: the training canvas, cut into input_size crops along its diagonal
         self.test_crops = 1 if train else int(test_crops)
+        if not 0.0 <= invert_prob <= 1.0:
+            raise ValueError(f"invert_prob must be in [0, 1], got {invert_prob}")
+        self.invert_prob = float(invert_prob)
         self.canvas = round(self.input_size * TRAIN_CANVAS_SCALE) if train or self.test_crops > 1 else self.input_size
 
     def __len__(self) -> int:
@@ -162,13 +168,19 @@ class MovingFashionMNIST(Dataset):
         cx, cy, side = motion_trajectory(gen, label, self.num_frames, self.canvas)
         crop = multi_scale_crop_params(gen, self.canvas, self.canvas, self.input_size) if self.train else None
         garment_SS = self.images[i].to(torch.float32).div_(255.0)
+        # Dark-on-bright with probability invert_prob (drawn only when asked, so the default stream is unchanged).
+        # Translation and growth are linear in the pixels for a bright object on black (the brightness-weighted
+        # centre moves, the total brightness grows): a linear probe on raw pixels solves them (~100%). With random
+        # polarity the sign of that read-out flips per clip, so recognizing the motion needs a nonlinear model.
+        invert = self.invert_prob > 0 and bool(torch.rand(1, generator=gen) < self.invert_prob)
         if self.test_crops > 1:  # views [V, 3, T, H, W]: crops of the canvas from top-left to bottom-right
             S, slack = self.input_size, self.canvas - self.input_size
             offs = [round(slack * c / (self.test_crops - 1)) for c in range(self.test_crops)]
-            views = [normalize(render_clip(garment_SS, cx, cy, side, S, (o, o, S, S)).unsqueeze(0)) for o in offs]
-            video = torch.stack(views)
+            frames = [render_clip(garment_SS, cx, cy, side, S, (o, o, S, S)) for o in offs]
+            video = torch.stack([normalize(((1 - f) if invert else f).unsqueeze(0)) for f in frames])
         else:
-            video = normalize(render_clip(garment_SS, cx, cy, side, self.input_size, crop).unsqueeze(0))
+            frames_THW = render_clip(garment_SS, cx, cy, side, self.input_size, crop)
+            video = normalize(((1 - frames_THW) if invert else frames_THW).unsqueeze(0))
         item = {
             "video": video,  # float32 [3, T, H, W] (test views: [V, 3, T, H, W])
             "label": torch.tensor(label, dtype=torch.int64),
