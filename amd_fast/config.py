@@ -9,6 +9,7 @@ Each builder receives its own section, never the whole config.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,6 +392,8 @@ def validate(cfg: Config) -> None:
 
 def validate_finetune(cfg: FinetuneRunConfig) -> None:
     f, d = cfg.finetune, cfg.data
+    if f.init and not os.path.exists(f.init):
+        raise ConfigError(f"finetune.init={f.init!r} does not exist (a checkpoint file or a DeepSpeed checkpoint-N/)")
     for name in ("label_smoothing", "mix_prob", "switch_prob"):
         if not 0.0 <= getattr(f, name) <= 1.0:
             raise ConfigError(f"finetune.{name}={getattr(f, name)} must be in [0, 1]")
@@ -435,6 +438,9 @@ def _check_eval_data(cfg) -> None:
 
 def validate_probe(cfg: ProbeRunConfig) -> None:
     _check_eval_data(cfg)
+    p = cfg.probe
+    if p.init not in ("", "pixels") and not os.path.exists(p.init):
+        raise ConfigError(f"probe.init={p.init!r} does not exist; give a checkpoint, 'pixels' or '' (random init)")
     if not cfg.probe.seeds:
         raise ConfigError("probe.seeds is empty: give at least one seed")
     if cfg.probe.epochs < 1:

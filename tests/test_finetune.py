@@ -257,3 +257,25 @@ def test_save_grid_writes_png(tmp_path):
 
 def test_config_root_for_pretraining_unchanged():
     assert isinstance(load_config(None, ["train.steps=3"]), Config)
+
+
+def test_inverted_clips_flip_polarity_only():
+    """data.invert_prob: the same clip (garment, motion, crop) drawn dark-on-bright; 0 leaves the stream unchanged."""
+    kw = dict(split="train", input_size=32, num_frames=4, seed=5, train=True, size=20)
+    plain = build_dataset("moving_fashion_mnist", **kw)
+    inv = build_dataset("moving_fashion_mnist", **kw, invert_prob=1.0)
+    a, b = plain[3], inv[3]
+    assert a["label"] == b["label"]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1)
+    torch.testing.assert_close(b["video"] * std + mean, 1 - (a["video"] * std + mean), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="data.invert_prob"):
+        bad = ["data.dataset=fashion_mnist", "data.num_frames=1", "model.tubelet_size=1", "objective.name=mae"]
+        load_config(None, [*bad, "data.invert_prob=0.5"])
+
+
+def test_a_missing_init_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="finetune.init='/no/such.pt' does not exist"):
+        ft_config(tmp_path, "finetune.init=/no/such.pt")
+    with pytest.raises(ConfigError, match="probe.init='/no/such.pt' does not exist"):
+        load_config(None, ["probe.init=/no/such.pt"], root=ProbeRunConfig)
