@@ -168,6 +168,15 @@ def _skip_cpu_shm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def make_engine(dist_cfg: DistConfig, model: nn.Module, optimizer, device: torch.device, world_size: int, *,
+                micro_batch: int, accum_steps: int, clip_grad: float):  # fmt: skip
+    """DeepSpeed when the launch or `dist.engine` asks for it, else one plain process; same interface."""
+    if uses_deepspeed(dist_cfg, world_size):
+        return DeepSpeedEngine(dist_cfg, model, optimizer, device, micro_batch=micro_batch, accum_steps=accum_steps,
+                               clip_grad=clip_grad)  # fmt: skip
+    return LocalEngine(model, optimizer, accum_steps=accum_steps, clip_grad=clip_grad)
+
+
 def partition_teacher(module: nn.Module, dtype: torch.dtype, backend: str = "auto") -> nn.Module:
     """A frozen module as a ZeRO-3 inference engine (DeepSpeed's ZeRO-Inference: no optimizer): every rank keeps
     1/world of each weight and a forward all-gathers a module's weights when it runs, then frees them. Costs one

@@ -33,15 +33,7 @@ from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.config import ConfigError, FinetuneRunConfig, load_config, to_dict  # noqa: E402
 from amd_fast.data import DATASETS, EpochSampler, FileClips, SkipLog, build_dataset, collate_clips, file_worker_init  # noqa: E402  # noqa: E402
 from amd_fast.device import autocast_dtype, default_device  # noqa: E402
-from amd_fast.engine import (  # noqa: E402  # noqa: E402
-    DeepSpeedEngine,
-    LocalEngine,
-    consolidate,
-    dist_env,
-    find_resume,
-    is_ds_checkpoint,
-    uses_deepspeed,
-)
+from amd_fast.engine import consolidate, dist_env, find_resume, is_ds_checkpoint, make_engine  # noqa: E402
 from amd_fast.models.classifier import VideoClassifier, layer_decay_groups, load_classifier  # noqa: E402
 from amd_fast.models.vit import build_encoder  # noqa: E402
 from amd_fast.optim import lr_at, scaled_lrs  # noqa: E402
@@ -175,13 +167,10 @@ class Finetuner:
         groups = layer_decay_groups(self.model, o.weight_decay, f.layer_decay)
         fused = o.fused and self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
-        if uses_deepspeed(cfg.dist, world_size):
-            self.engine = DeepSpeedEngine(
-                cfg.dist, self.model, self.optimizer, self.device,
-                micro_batch=d.batch_size, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
-            )  # fmt: skip
-        else:
-            self.engine = LocalEngine(self.model, self.optimizer, accum_steps=o.accum_steps, clip_grad=o.clip_grad)
+        self.engine = make_engine(
+            cfg.dist, self.model, self.optimizer, self.device, world_size,
+            micro_batch=d.batch_size, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
+        )  # fmt: skip
         self.autocast = autocast_dtype(t.autocast, self.device)
         self.step = 0
         self.skips = SkipLog(self.train_set.describe) if isinstance(self.train_set, FileClips) else None

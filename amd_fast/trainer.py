@@ -25,11 +25,10 @@ from amd_fast.config import Config, from_dict, to_dict
 from amd_fast.data import EpochSampler, FileClips, SkipLog, build_dataset, collate_clips, file_worker_init
 from amd_fast.device import autocast_dtype, default_device, peak_memory_bytes
 from amd_fast.engine import (
-    DeepSpeedEngine,
-    LocalEngine,
     consolidate,
     find_resume,
     is_ds_checkpoint,
+    make_engine,
     partition_teacher,
     uses_deepspeed,
 )
@@ -99,14 +98,11 @@ class Trainer:
         self.lr, self.min_lr, self.warmup_lr = scaled_lrs(cfg.optim, self.global_batch)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.lr, self.device)
         o = cfg.optim
-        if uses_deepspeed(cfg.dist, world_size):
-            # only the student goes into the engine; the teacher stays outside, replicated on every rank
-            self.engine = DeepSpeedEngine(
-                cfg.dist, self.model, self.optimizer, self.device,
-                micro_batch=d.batch_size, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
-            )  # fmt: skip
-        else:
-            self.engine = LocalEngine(self.model, self.optimizer, accum_steps=o.accum_steps, clip_grad=o.clip_grad)
+        # only the student goes into the engine; the teacher stays outside (replicated, or ZeRO-3 on its own)
+        self.engine = make_engine(
+            cfg.dist, self.model, self.optimizer, self.device, world_size,
+            micro_batch=d.batch_size, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
+        )  # fmt: skip
         self.autocast = autocast_dtype(t.autocast, self.device)
         self.step = 0
         self.nonfinite_total = 0
