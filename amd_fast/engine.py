@@ -432,6 +432,12 @@ def is_ds_checkpoint(path: str | Path) -> bool:
     return Path(path).is_dir()
 
 
+def weights_source(path: str | Path):
+    """What `checkpoint_io.read_state_dict` reads: a file path as it is (official files included), a DeepSpeed
+    directory consolidated into the one-process checkpoint dict first."""
+    return consolidate(path) if is_ds_checkpoint(path) else path
+
+
 _PREFIX = "student."  # the key prefix of _StudentStep
 
 

@@ -33,7 +33,7 @@ from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.config import ConfigError, FinetuneRunConfig, load_config, to_dict  # noqa: E402
 from amd_fast.data import DATASETS, EpochSampler, FileClips, SkipLog, build_dataset, collate_clips, file_worker_init  # noqa: E402  # noqa: E402
 from amd_fast.device import autocast_dtype, default_device  # noqa: E402
-from amd_fast.engine import consolidate, dist_env, find_resume, is_ds_checkpoint, make_engine  # noqa: E402
+from amd_fast.engine import dist_env, find_resume, is_ds_checkpoint, make_engine, weights_source  # noqa: E402
 from amd_fast.models.classifier import VideoClassifier, layer_decay_groups, load_classifier  # noqa: E402
 from amd_fast.models.vit import build_encoder  # noqa: E402
 from amd_fast.optim import lr_at, scaled_lrs  # noqa: E402
@@ -90,16 +90,6 @@ class ClassifyObjective:
         return loss, {"ce": loss.detach()}
 
 
-class ViewLogits:
-    """Evaluation forward: logits per view (run through the engine so ZeRO-3 can gather the weights)."""
-
-    def __init__(self, model: VideoClassifier):
-        self.model = model
-
-    def __call__(self, video):
-        return self.model(video)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -109,11 +99,6 @@ def num_classes_for(cfg: FinetuneRunConfig, dataset) -> int:
     if cfg.data.dataset in DATASETS:
         return DATASETS[cfg.data.dataset]
     return max(e.label for e in dataset.entries) + 1  # file lists: labels 0..C-1
-
-
-def read_init(path: str):
-    """A checkpoint path -> what `load_classifier` reads (a DeepSpeed directory is consolidated first)."""
-    return consolidate(path) if is_ds_checkpoint(path) else path
 
 
 class Finetuner:
@@ -158,7 +143,7 @@ class Finetuner:
         encoder = build_encoder(cfg.model, img_size=d.input_size, num_frames=d.num_frames)
         self.model = VideoClassifier(encoder, self.num_classes, f.head_init_scale)
         if f.init:
-            load_classifier(self.model, read_init(f.init))
+            load_classifier(self.model, weights_source(f.init))
         self.model.to(self.device)
         self.objective = ClassifyObjective(self.model, f, self.num_classes)
 
@@ -282,7 +267,6 @@ class Finetuner:
             collate_fn=collate_clips if files else None, generator=torch.Generator(),
         )  # fmt: skip
         self.model.eval()
-        fwd = ViewLogits(self.model)
         c1 = c5 = count = 0
         skipped = seen = 0
         for batch in loader:
@@ -293,7 +277,7 @@ class Finetuner:
             elif files:  # clips of B items, V each, item after item
                 labels = labels[:: self.views]
             with self._autocast():
-                logits = self.engine.forward(fwd, video.to(self.device))
+                logits = self.engine.forward(self.model, video.to(self.device))  # in the engine: ZeRO-3 gathers
             probs = logits.float().softmax(-1).view(labels.shape[0], self.views, -1).mean(1)
             top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices.cpu()
             keep = real[seen : seen + labels.shape[0]]

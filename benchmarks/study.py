@@ -201,7 +201,6 @@ def run_task(name: str, budget: dict, seeds: list[int], work: Path, out: Path, s
     row("student 128/6", "none (random init / scratch)", "-", pr, ft, 0.0, t_ft, 0)
 
     for method in METHODS:
-        per_seed = []
         for seed in seeds:
             cfg = pretrain_config(task, budget, work / f"{method}-s{seed}", method, seed, str(teacher))
             path, t_pre = pretrain(cfg)
@@ -210,11 +209,11 @@ def run_task(name: str, budget: dict, seeds: list[int], work: Path, out: Path, s
             if seed == seeds[0]:
                 ft, t_ft = finetune(task, budget, STUDENT, str(path), work / f"ft-{method}-s{seed}")
                 visualize_checkpoint(path, out / f"{stem}-recon-{name}-{method}.png", samples=4, frames=4)
-            per_seed.append(row("student 128/6", method, seed, pr, ft, t_pre, t_ft or 0.0, budget["student_steps"]))
+            row("student 128/6", method, seed, pr, ft, t_pre, t_ft or 0.0, budget["student_steps"])
     return rows
 
 
-def summarize(rows: list[dict], seeds: list[int]) -> dict:
+def summarize(rows: list[dict]) -> dict:
     """Per task and encoder: probe mean / std over seeds (students: over pre-training seeds)."""
     out = {}
     for r in rows:
@@ -332,7 +331,7 @@ def main(argv=None) -> int:
     info = machine_info()
     for r in rows:
         append_csv(out / f"{stem}.csv", {**info, "budget": args.budget, **r})
-    summary = summarize(rows, args.seeds)
+    summary = summarize(rows)
     (out / f"{stem}.md").write_text(markdown(summary, args.seeds, args.budget, info, minutes))
     plot(summary, out / f"{stem}.png")
     print((out / f"{stem}.md").read_text())

@@ -62,11 +62,16 @@ class ClipSampler:
     def window(self) -> int:
         return (self.num_frames - 1) * self.stride + 1 if self.mode == "dense" else self.num_frames
 
-    def __call__(self, n: int, gen: torch.Generator | None, start: int = 0, end: int = -1) -> list[int]:
+    def _available(self, n: int, start: int, end: int) -> int:
+        """Frames in [start, end] of an n-frame video; a range shorter than the window is a BadVideo."""
         last = n - 1 if end < 0 else min(end, n - 1)
         avail = last - start + 1
         if avail < self.window:
             raise BadVideo(f"too short: {avail} frames < sampling window {self.window}")
+        return avail
+
+    def __call__(self, n: int, gen: torch.Generator | None, start: int = 0, end: int = -1) -> list[int]:
+        avail = self._available(n, start, end)
         T = self.num_frames
         if self.mode == "dense":
             slack = avail - self.window
@@ -82,10 +87,7 @@ class ClipSampler:
         dense: window starts evenly spaced over the slack (one clip: the centered window); segments: the same
         segments, the frame taken at ``clips`` evenly spaced offsets inside each (VideoMAE's SSv2 test loader).
         """
-        last = n - 1 if end < 0 else min(end, n - 1)
-        avail = last - start + 1
-        if avail < self.window:
-            raise BadVideo(f"too short: {avail} frames < sampling window {self.window}")
+        avail = self._available(n, start, end)
         T = self.num_frames
         if self.mode == "dense":
             slack = avail - self.window
