@@ -111,6 +111,9 @@ class DataConfig:
     frame_stride: int = 4  # [4 Kinetics, 2 SSv2-like motion data] (METHOD.md section 6)
     num_sample: int = 1  # repeated augmentation: k crops + masks per decoded clip [4 in the references]
     decoder: Literal["auto", "torchcodec", "decord", "pyav", "dali"] = "auto"  # auto: torchcodec > decord > pyav
+    # video_list pre-training: torch (DataLoader workers decode with data.decoder) or dali (one DALI pipeline in the
+    # training process decodes, crops and normalizes: NVDEC on CUDA; on CPU VP8/VP9/MJPEG only); auto: dali on CUDA
+    loader: Literal["auto", "torch", "dali"] = "auto"
     # images: RandomResizedCrop keeps [min_crop_scale, 1] of the area [0.2: MAE pre-training; MAE fine-tunes at 0.08
     # with RandAugment over 100 epochs; a short fine-tune learns faster with milder crops]
     min_crop_scale: float = 0.2
@@ -383,6 +386,8 @@ def validate(cfg: Config) -> None:
         )
     if d.num_sample > 1 and d.dataset not in ("video_list", "image_folder"):
         raise ConfigError(f"data.num_sample={d.num_sample} needs data.dataset=video_list or image_folder")
+    if d.loader == "dali" and d.dataset != "video_list":
+        raise ConfigError(f"data.loader=dali decodes video files: it needs data.dataset=video_list, not {d.dataset!r}")
     if d.dataset == "image_folder" and (d.num_frames != 1 or cfg.model.tubelet_size != 1):
         raise ConfigError(
             f"data.dataset=image_folder is an image dataset: data.num_frames={d.num_frames} and "
@@ -392,6 +397,8 @@ def validate(cfg: Config) -> None:
 
 def validate_finetune(cfg: FinetuneRunConfig) -> None:
     f, d = cfg.finetune, cfg.data
+    if d.loader == "dali":
+        raise ConfigError("data.loader=dali is pre-training's loader; fine-tuning (test views) takes torch or auto")
     if f.init and not os.path.exists(f.init):
         raise ConfigError(f"finetune.init={f.init!r} does not exist (a checkpoint file or a DeepSpeed checkpoint-N/)")
     for name in ("label_smoothing", "mix_prob", "switch_prob"):

@@ -22,7 +22,16 @@ from torch.utils.data import DataLoader
 from amd_fast import checkpoint as ckpt
 from amd_fast.build import build_mask_generator, build_objective, build_student, build_teacher
 from amd_fast.config import Config, from_dict, to_dict
-from amd_fast.data import EpochSampler, FileClips, SkipLog, build_dataset, collate_clips, file_worker_init
+from amd_fast.data import (
+    DaliClips,
+    EpochSampler,
+    FileClips,
+    SkipLog,
+    build_dataset,
+    collate_clips,
+    file_worker_init,
+    resolve_loader,
+)
 from amd_fast.device import autocast_dtype, default_device, peak_memory_bytes
 from amd_fast.engine import (
     consolidate,
@@ -127,18 +136,23 @@ class Trainer:
 
     def _build_data(self) -> None:
         d, t = self.cfg.data, self.cfg.train
+        dali_on = resolve_loader(d.loader, d.dataset, self.device)  # "gpu" / "cpu": the DALI pipeline decodes
         # One seed for all ranks: every sample is seeded by its global index, which ranks never share,
         # so augmentation and masks differ per rank and do not depend on the number of ranks.
         self.dataset = build_dataset(
             d.dataset, root=d.root, split="train", input_size=d.input_size, num_frames=d.num_frames,
             seed=t.seed, train=True, mask_fn=self.masks, size=d.size, list_file=d.list_file, prefix=d.prefix,
             sampling=d.sampling, frame_stride=d.frame_stride, num_sample=d.num_sample, decoder=d.decoder,
-            min_crop_scale=d.min_crop_scale, invert_prob=d.invert_prob,
+            min_crop_scale=d.min_crop_scale, invert_prob=d.invert_prob, defer_decode=dali_on,
         )  # fmt: skip
         # File datasets: each loader item is one decoded file giving num_sample clips; data.batch_size counts
         # clips (as the references' batch_size * num_sample), so the loader batches batch_size / num_sample files.
         self.files_per_batch = d.batch_size // d.num_sample
         self.skips = SkipLog(self.dataset.describe) if isinstance(self.dataset, FileClips) else None
+        self.dali = None if dali_on is None else DaliClips(
+            num_sample=d.num_sample, input_size=d.input_size, max_batch=self.files_per_batch, device=dali_on,
+            device_id=self.device.index if dali_on == "gpu" else None, describe=self.dataset.describe,
+        )  # fmt: skip
         self.sampler = EpochSampler(len(self.dataset), seed=t.seed, rank=self.rank, world_size=self.world_size)
         self.batches_per_epoch = self.sampler.num_per_rank // self.files_per_batch
         if self.batches_per_epoch == 0:
@@ -157,6 +171,8 @@ class Trainer:
             drop_last=True, worker_init_fn=init if nw else None, persistent_workers=False,
             prefetch_factor=4 if nw else None, collate_fn=collate_clips if self.skips is not None else None,
         )  # fmt: skip
+        if self.dali is not None:  # the workers sent decode requests: the DALI pipeline makes the clips here
+            loader = map(self.dali, loader)
         # Skipped files ride along with the batches from the workers; SkipLog strips, logs and counts them here.
         return loader if self.skips is None else self.skips.track(loader, epoch)
 

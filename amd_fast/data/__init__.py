@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+from .dali import LOADERS, DaliClips, resolve_loader
 from .decoders import DECODERS, BadVideo, select_decoder
 from .fashion_mnist import DEFAULT_ROOT, FashionMNISTImages, MaskFn, load_fashion_mnist
 from .lists import Entry, parse_video_list, scan_image_folder
@@ -57,11 +58,13 @@ def build_dataset(
     test_views: tuple[int, int] = (1, 1),
     min_crop_scale: float = 0.2,
     invert_prob: float = 0.0,
+    defer_decode: str | None = None,
 ) -> Dataset:
     """Build a dataset by name; ``root=None`` means the Debian path. ``num_frames`` is ignored for images (T=1).
 
     ``video_list`` reads ``list_file`` (paths relative to ``prefix``); ``image_folder`` scans ``root``. Those two
     return ``FileClips`` items of ``num_sample`` clips each: batch them with ``collate_clips``.
+    ``defer_decode`` (``cpu`` / ``gpu``, video_list training only): items carry decode requests for ``DaliClips``.
     ``test_views=(clips, crops)`` (eval only): each item gives clips x crops views (file datasets: as its clips;
     moving_fashion_mnist: crops only, ``video`` [V, 3, T, H, W]); (1, 1) is the plain eval view.
     """
@@ -80,6 +83,7 @@ def build_dataset(
         return FileClips(
             entries, kind=kind, input_size=input_size, sampler=sampler, seed=seed, train=train, mask_fn=mask_fn,
             num_sample=num_sample, decoder=decoder, test_views=views, min_crop_scale=min_crop_scale,
+            defer_decode=defer_decode,
         )  # fmt: skip
     root = DEFAULT_ROOT if root is None else root
     if name == "fashion_mnist":
@@ -95,6 +99,9 @@ def build_dataset(
 
 __all__ = [
     "DECODERS",
+    "LOADERS",
+    "DaliClips",
+    "resolve_loader",
     "FILE_DATASETS",
     "BadVideo",
     "ClipSampler",

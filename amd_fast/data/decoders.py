@@ -17,9 +17,9 @@ Backends (``data.decoder``):
 - ``dali`` (``nvidia-dali-cuda120``): DALI's ``decoders.video`` on the CPU for the codecs its CPU variant has
   (VP8, VP9, MJPEG -- Something-Something V2 is VP9); other codecs (H.264: "not supported by the CPU variant")
   go to the CPU decoder above. ``auto`` does not pick it on a CPU: on VP9 it measured 2x slower than torchcodec
-  here (bikes.webm 226 vs 94 ms per 16-frame clip, a generated clip 17 vs 8 ms). The GPU ("mixed") variant is
-  not wired in: it needs the decode to happen in the training process on a GPU, which this project's CPU
-  machines cannot test.
+  here (bikes.webm 226 vs 94 ms per 16-frame clip, a generated clip 17 vs 8 ms). DALI's GPU ("mixed") decoder
+  needs the decode to happen in the training process, not in loader workers: that is ``data.loader=dali``
+  (amd_fast/data/dali.py, one pipeline that decodes, crops and normalizes a whole batch).
 
 All backends return the same frames up to the YUV->RGB rounding that differs between FFmpeg's swscale and
 DALI's converter (tested).
@@ -111,14 +111,15 @@ class PyAVDecoder:
         return torch.from_numpy(np.stack(out))
 
 
-def probe_codec(path: str) -> tuple[str, int]:
-    """(codec name, frame count) from the container, demuxing only (no decode)."""
+def probe_video(path: str) -> tuple[str, int, int, int]:
+    """(codec name, frame count, height, width) from the container, demuxing only (no decode)."""
     import av
 
     with av.open(path) as container:
         stream = container.streams.video[0]
-        n = stream.frames or sum(1 for p in container.demux(stream) if p.size)
-        return stream.codec_context.name, n
+        n = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # webm declares no frame count
+        cc = stream.codec_context
+        return cc.name, n, cc.height, cc.width
 
 
 class DaliDecoder:
@@ -142,7 +143,7 @@ class DaliDecoder:
         self._pipe, self._pid = None, 0
 
     def read(self, path: str, pick: Pick) -> torch.Tensor:
-        codec, n = probe_codec(path)
+        codec, n, _, _ = probe_video(path)
         if codec not in DALI_CPU_CODECS:
             return self.fallback.read(path, pick)
         idx = pick(n)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, get_worker_info
 
+from .dali import ClipRequest, RequestReader
 from .decoders import BadVideo, select_decoder
 from .fashion_mnist import MaskFn
 from .lists import Entry
@@ -159,6 +160,7 @@ class FileClips(Dataset):
         check: bool = True,
         test_views: tuple[int, int] | None = None,
         min_crop_scale: float = RRC_SCALE[0],
+        defer_decode: str | None = None,
     ) -> None:
         if kind not in ("video", "image"):
             raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
@@ -177,7 +179,12 @@ class FileClips(Dataset):
         self.crop_scale = (float(min_crop_scale), 1.0)  # images: RandomResizedCrop's area range
         if self.test_views is not None and kind == "image" and self.test_views[0] != 1:
             raise ValueError(f"images have one temporal view; got test_views={test_views}")
-        self.decoder = select_decoder(decoder) if kind == "video" else None
+        if defer_decode is not None and (kind != "video" or self.test_views is not None):
+            raise ValueError("defer_decode (the DALI pipeline) makes training clips of videos, not images or views")
+        # defer_decode "cpu" / "gpu": items carry ClipRequests that DaliClips decodes in the training process
+        self.decoder = None
+        if kind == "video":
+            self.decoder = RequestReader(defer_decode) if defer_decode else select_decoder(decoder)
         self._bad: dict[int, str] = {}  # per process: entries known bad, not decoded again
         if check:
             self.check()
@@ -278,6 +285,16 @@ class FileClips(Dataset):
             raise RuntimeError(f"{MAX_TRIES} bad files in a row for sample {g}: {skipped[-3:]}; check the list")
         h, w = frames.shape[1:3]
         clips, masks = [], []
+        if isinstance(frames, ClipRequest):  # the DALI pipeline decodes and crops; draw the same crops and masks
+            crops = []
+            for _ in range(self.num_sample):
+                crops.append(self._crop(gen, h, w)[0])
+                if self.mask_fn is not None:
+                    masks.append(self.mask_fn(gen))
+            item = self._item([None] * self.num_sample, masks, i, skipped)
+            del item["video"]
+            item["request"], item["crops"] = [frames], torch.tensor(crops, dtype=torch.int64)
+            return item
         if self.test_views is not None:  # clips x crops views, each a clip of the item
             n_clips, n_crops = self.test_views
             T = frames.shape[0] // n_clips
@@ -329,14 +346,18 @@ def collate_clips(items: list[dict]) -> dict:
     In a loader worker the video batch is written straight into shared memory (as ``default_collate`` does), so
     the clips are copied once on their way to the training process, not twice.
     """
-    clips = [c for it in items for c in it["video"]]
-    out_video = None
-    if get_worker_info() is not None:
-        storage = clips[0]._typed_storage()._new_shared(len(clips) * clips[0].numel(), device=clips[0].device)
-        out_video = clips[0].new(storage).resize_(len(clips), *clips[0].shape)
-    out = {"video": torch.stack(clips, out=out_video)}
+    out = {}
+    if "request" in items[0]:  # deferred decode: the DALI pipeline makes the clips (amd_fast/data/dali.py)
+        out["request"] = [r for it in items for r in it["request"]]
+    else:
+        clips = [c for it in items for c in it["video"]]
+        out_video = None
+        if get_worker_info() is not None:
+            storage = clips[0]._typed_storage()._new_shared(len(clips) * clips[0].numel(), device=clips[0].device)
+            out_video = clips[0].new(storage).resize_(len(clips), *clips[0].shape)
+        out["video"] = torch.stack(clips, out=out_video)
     for key in items[0]:
-        if key not in ("video", "skipped"):
+        if key not in ("video", "skipped", "request"):
             out[key] = torch.cat([it[key] for it in items])
     out["skipped"] = [s for it in items for s in it["skipped"]]
     return out
