@@ -172,7 +172,7 @@ class Trainer:
             prefetch_factor=4 if nw else None, collate_fn=collate_clips if self.skips is not None else None,
         )  # fmt: skip
         if self.dali is not None:  # the workers sent decode requests: the DALI pipeline makes the clips here
-            loader = map(self.dali, loader)
+            loader = self.dali.stream(loader)  # one batch decoding ahead of the one trained on
         # Skipped files ride along with the batches from the workers; SkipLog strips, logs and counts them here.
         return loader if self.skips is None else self.skips.track(loader, epoch)
 

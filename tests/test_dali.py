@@ -144,3 +144,23 @@ def test_trainer_with_the_dali_loader_matches_the_torch_loader(media, tmp_path):
     # same samples, crops and masks; the pixels differ by DALI's rounding only (raw-pixel targets: per-patch
     # standardized ones magnify that rounding in the flat black background)
     np.testing.assert_allclose(losses["dali"], losses["torch"], rtol=2e-2)  # measured: 0.7% apart
+
+
+def test_stream_decodes_ahead_and_recovers_from_a_failed_batch(media):
+    """stream (one batch in flight) == batch by batch; a broken batch in the middle costs nothing after it."""
+    ds = _clips(media["vp9"], defer_decode="cpu")
+
+    def batches():
+        out = [collate_clips([ds[g], ds[g + 1]]) for g in (0, 2, 4, 6)]
+        r = out[1]["request"][0]
+        out[1]["request"][0] = ClipRequest(np.zeros(3000, dtype=np.uint8), r.frames, r.height, r.width)
+        return out
+
+    one = DaliClips(num_sample=K, input_size=32, max_batch=2, describe=ds.describe)
+    expected = [one(b) for b in batches()]
+    streamed = list(DaliClips(num_sample=K, input_size=32, max_batch=2, describe=ds.describe).stream(batches()))
+    assert len(streamed) == 4
+    for a, b in zip(expected, streamed):
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["index"], b["index"])
+        assert a["skipped"] == b["skipped"]
+    assert [len(b["skipped"]) for b in streamed] == [0, 1, 0, 0]

@@ -122,8 +122,11 @@ class DaliClips:
         pipe.build()
         return pipe
 
-    def _run(self, requests: list[ClipRequest], crops_BK4: torch.Tensor) -> torch.Tensor:
-        """Decode + crop a list of requests -> float32 [B*k, 3, T, S, S] (on the GPU for device gpu)."""
+    # The pipeline runs with DALI's scheduled API: ``_submit`` feeds a batch and schedules it, ``_fetch`` waits for
+    # the oldest scheduled one, so ``stream`` can decode batch i+1 on DALI's threads (or the GPU) while the caller
+    # trains on batch i. An error invalidates the pipeline: it is rebuilt and whatever was in flight resubmitted.
+
+    def _submit(self, requests: list[ClipRequest], crops_BK4: torch.Tensor) -> None:
         if self._pipe is None:
             self._pipe = self._build()
         pipe = self._pipe
@@ -133,12 +136,24 @@ class DaliClips:
         for j in range(self.k):
             pipe.feed_input(f"roi_start{j}", [np.ascontiguousarray(c[b, j, :2]) for b in range(len(requests))])
             pipe.feed_input(f"roi_end{j}", [c[b, j, :2] + c[b, j, 2:] for b in range(len(requests))])
+        pipe.schedule_run()
+
+    def _fetch(self) -> torch.Tensor:
+        """The oldest scheduled batch -> float32 [B*k, 3, T, S, S] (on the GPU for device gpu)."""
         try:
-            outs = pipe.run()
+            outs = self._pipe.outputs()
         except Exception:
-            self._pipe = None  # DALI invalidates a pipeline after an error: rebuild on the next batch
+            self._pipe = None  # DALI invalidates a pipeline after an error: rebuild for the next batch
             raise
         return torch.stack([self._to_torch(o) for o in outs], dim=1).flatten(0, 1)
+
+    def _decode_now(self, requests: list[ClipRequest], crops_BK4: torch.Tensor) -> torch.Tensor:
+        try:
+            self._submit(requests, crops_BK4)
+        except Exception:
+            self._pipe = None
+            raise
+        return self._fetch()
 
     def _to_torch(self, out) -> torch.Tensor:
         t = out.as_tensor()
@@ -150,20 +165,65 @@ class DaliClips:
         feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device_id))
         return dst
 
+    def _take(self, batch: dict) -> tuple[dict, list[ClipRequest], torch.Tensor]:
+        requests, crops = batch.pop("request"), batch.pop("crops")
+        return batch, requests, crops.view(len(requests), self.k, 4)
+
     def __call__(self, batch: dict) -> dict:
         """A collated batch of requests (``request``, ``crops``) -> the same batch with ``video`` and no requests."""
-        requests, crops = batch.pop("request"), batch.pop("crops")
-        crops = crops.view(len(requests), self.k, 4)
+        batch, requests, crops = self._take(batch)
         try:
-            batch["video"] = self._run(requests, crops)
+            batch["video"] = self._decode_now(requests, crops)
             return batch
         except Exception as exc:  # noqa: BLE001 -- find the file(s) that broke the batch, one at a time
-            log.info("DALI failed on a batch (%s); decoding its %d files one by one", _short(exc), len(requests))
+            return self._file_by_file(batch, requests, crops, exc)
+
+    def stream(self, batches):
+        """Decode an iterable of request batches with one batch in flight ahead of the one returned."""
+        ahead = None  # (batch, requests, crops, submitted)
+        for nxt in batches:
+            nxt = self._take(nxt)
+            try:
+                self._submit(nxt[1], nxt[2])
+                ok = True
+            except Exception:  # noqa: BLE001 -- surfaces when this batch is fetched
+                self._pipe, ok = None, False
+            if ahead is not None:
+                out, lost = self._finish(ahead)
+                if lost:  # the pipeline failed and was rebuilt: the batch behind it is resubmitted
+                    ok = self._resubmit(nxt)
+                yield out
+            ahead = (*nxt, ok)
+        if ahead is not None:
+            yield self._finish(ahead)[0]
+
+    def _resubmit(self, item) -> bool:
+        try:
+            self._submit(item[1], item[2])
+            return True
+        except Exception:  # noqa: BLE001
+            self._pipe = None
+            return False
+
+    def _finish(self, item) -> tuple[dict, bool]:
+        """-> (the decoded batch, whether the pipeline was rebuilt on the way)."""
+        batch, requests, crops, submitted = item
+        if submitted and self._pipe is not None:
+            try:
+                batch["video"] = self._fetch()
+                return batch, False
+            except Exception as exc:  # noqa: BLE001
+                return self._file_by_file(batch, requests, crops, exc), True
+        return self._file_by_file(batch, requests, crops, RuntimeError("pipeline invalid at submit")), True
+
+    def _file_by_file(self, batch, requests, crops, exc) -> dict:
+        log.info("DALI failed on a batch (%s); decoding its %d files one by one", _short(exc), len(requests))
+        self._pipe = None
         index = batch["index"].view(len(requests), self.k)[:, 0].tolist()
         per_file: list[torch.Tensor | None] = []
         for b, r in enumerate(requests):
             try:
-                per_file.append(self._run([r], crops[b : b + 1]))
+                per_file.append(self._decode_now([r], crops[b : b + 1]))
             except Exception as exc:  # noqa: BLE001 -- a bad file is a skip, never a dead run
                 per_file.append(None)
                 batch["skipped"].append((index[b], f"DALI decode: {_short(exc)}"))
