@@ -23,6 +23,7 @@ namespace {
 
 constexpr double kL2Eps = 1e-12;  // F.normalize's default eps
 
+
 // One row; returns its summed loss. g may alias z (the gradient written over the projection, as the
 // chunked twin does): every z[d] is read before g[d] is written.
 template <typename T>
@@ -154,7 +155,7 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
   at::Tensor dh, dw, db, dlnw, dlnb;
   if (compute_grad) {
     dh = at::empty_like(h);
-    dw = at::zeros_like(w);
+    dw = at::empty_like(w);  // the first chunk writes it (beta 0), the others accumulate
     if (has_b) db = at::zeros({Dt}, w.options());
     if (ln) {
       dlnw = at::zeros({Ds}, h.options());
@@ -168,17 +169,28 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
   const int64_t n_chunks = (N + chunk - 1) / std::max<int64_t>(chunk, 1);
   const int64_t rows = n_chunks ? (N + n_chunks - 1) / n_chunks : 0;  // equal chunks, none a sliver
   double loss = 0;
+  // one [rows, Dt] buffer for every chunk's projection (and, written over it, its gradient)
+  at::Tensor zbuf = at::empty({rows, Dt}, h.options().dtype(at::promote_types(h.scalar_type(), w.scalar_type())));
   for (int64_t s = 0; s < N; s += rows) {
     const int64_t n = std::min(rows, N - s);
     at::Tensor hc = h2.narrow(0, s, n);
     at::Tensor hn = hc, mean, rstd;
     if (ln) std::tie(hn, mean, rstd) = at::native_layer_norm(hc, {Ds}, *ln_w_opt, *ln_b_opt, ln_eps);
-    at::Tensor z = has_b ? at::addmm(*b_opt, hn, wt) : at::mm(hn, wt);
+    at::Tensor z = zbuf.narrow(0, 0, n);
+    if (has_b) {
+      at::addmm_out(z, *b_opt, hn, wt);
+    } else {
+      at::mm_out(z, hn, wt);
+    }
     // the gradient w.r.t. z is written over z: the chunk's only [R, Dt] buffer
     loss += rows_impl(z, t, s, compute_grad ? c10::optional<at::Tensor>(z) : c10::nullopt, inv_numel, false,
                       pred_l2, target_norm, dist, target_eps);
     if (!compute_grad) continue;
-    dw.addmm_(z.t(), hn);
+    if (s == 0) {
+      at::mm_out(dw, z.t(), hn);
+    } else {
+      dw.addmm_(z.t(), hn);
+    }
     if (has_b) db.add_(z.sum(0));
     at::Tensor dhc = dh2.narrow(0, s, n);
     if (ln) {
