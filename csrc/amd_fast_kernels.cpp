@@ -17,12 +17,55 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr double kL2Eps = 1e-12;  // F.normalize's default eps
 
+
+// The row loop without the prediction's L2 norm (AMD's direct alignment, MSE / L1 / smooth-L1 with an optional
+// target LayerNorm), one distance per instantiation so that each loop is a plain vectorizable one, compiled for
+// AVX-512, AVX2 and the baseline and picked at load time (GCC target_clones): the extension is built without
+// -march flags and stays portable. g may alias z (each z[d] is read before g[d] is written).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define AMD_FAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define AMD_FAST_CLONES
+#endif
+
+template <int DIST, bool GRAD, bool ACC>
+inline __attribute__((always_inline)) float plain_row(const float* z, const float* t, float* g, int64_t D, float scale,
+                                                      float tmean, float tscale) {
+  float loss = 0;
+#pragma omp simd reduction(+ : loss)
+  for (int64_t d = 0; d < D; ++d) {
+    const float diff = z[d] - (t[d] - tmean) * tscale;
+    const float ad = std::abs(diff);
+    float gp;
+    if (DIST == 0) {
+      loss += diff * diff;
+      gp = 2 * diff;
+    } else if (DIST == 1) {
+      loss += ad;
+      gp = diff > 0 ? 1.f : (diff < 0 ? -1.f : 0.f);
+    } else {
+      loss += ad < 1 ? 0.5f * diff * diff : ad - 0.5f;
+      gp = ad < 1 ? diff : (diff > 0 ? 1.f : -1.f);
+    }
+    if (GRAD) g[d] = ACC ? g[d] + gp * scale : gp * scale;
+  }
+  return loss;
+}
+
+template <int DIST>
+AMD_FAST_CLONES float plain_row_f32(const float* z, const float* t, float* g, int64_t D, float scale, bool acc,
+                                    float tmean, float tscale) {
+  if (g == nullptr) return plain_row<DIST, false, false>(z, t, g, D, scale, tmean, tscale);
+  if (acc) return plain_row<DIST, true, true>(z, t, g, D, scale, tmean, tscale);
+  return plain_row<DIST, true, false>(z, t, g, D, scale, tmean, tscale);
+}
 
 // One row; returns its summed loss. g may alias z (the gradient written over the projection, as the
 // chunked twin does): every z[d] is read before g[d] is written.
@@ -44,6 +87,13 @@ double row_loss_grad(const T* z, const T* t, T* g, int64_t D, T scale, bool accu
 #pragma omp simd reduction(+ : s)
     for (int64_t d = 0; d < D; ++d) s += t[d] * t[d];
     tscale = T(1) / std::max(std::sqrt(s), T(kL2Eps));
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (!pred_l2) {
+      if (dist == 0) return plain_row_f32<0>(z, t, g, D, scale, accumulate, tmean, tscale);
+      if (dist == 1) return plain_row_f32<1>(z, t, g, D, scale, accumulate, tmean, tscale);
+      return plain_row_f32<2>(z, t, g, D, scale, accumulate, tmean, tscale);
+    }
   }
   T nrm = 0, pscale = 1;
   if (pred_l2) {
