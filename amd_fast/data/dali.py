@@ -130,13 +130,25 @@ class DaliClips:
         if self._pipe is None:
             self._pipe = self._build()
         pipe = self._pipe
-        pipe.feed_input("encoded", [r.encoded for r in requests])
-        pipe.feed_input("frames", [r.frames for r in requests])
         c = crops_BK4.to(torch.float32).numpy()  # (top, left, h, w) per file and crop
-        for j in range(self.k):
-            pipe.feed_input(f"roi_start{j}", [np.ascontiguousarray(c[b, j, :2]) for b in range(len(requests))])
-            pipe.feed_input(f"roi_end{j}", [c[b, j, :2] + c[b, j, 2:] for b in range(len(requests))])
-        pipe.schedule_run()
+        try:
+            pipe.feed_input("encoded", [r.encoded for r in requests])
+            pipe.feed_input("frames", [r.frames for r in requests])
+            for j in range(self.k):
+                pipe.feed_input(f"roi_start{j}", [np.ascontiguousarray(c[b, j, :2]) for b in range(len(requests))])
+                pipe.feed_input(f"roi_end{j}", [c[b, j, :2] + c[b, j, 2:] for b in range(len(requests))])
+            pipe.schedule_run()
+        except Exception:
+            self._pipe = None  # as in _fetch: an invalid pipeline is rebuilt for the next batch
+            raise
+
+    def _try_submit(self, item) -> bool:
+        """Submit (batch, requests, crops); False if DALI refused it (the batch is then decoded file by file)."""
+        try:
+            self._submit(item[1], item[2])
+            return True
+        except Exception:  # noqa: BLE001 -- surfaces when this batch is finished
+            return False
 
     def _fetch(self) -> torch.Tensor:
         """The oldest scheduled batch -> float32 [B*k, 3, T, S, S] (on the GPU for device gpu)."""
@@ -148,11 +160,7 @@ class DaliClips:
         return torch.stack([self._to_torch(o) for o in outs], dim=1).flatten(0, 1)
 
     def _decode_now(self, requests: list[ClipRequest], crops_BK4: torch.Tensor) -> torch.Tensor:
-        try:
-            self._submit(requests, crops_BK4)
-        except Exception:
-            self._pipe = None
-            raise
+        self._submit(requests, crops_BK4)
         return self._fetch()
 
     def _to_torch(self, out) -> torch.Tensor:
@@ -183,27 +191,15 @@ class DaliClips:
         ahead = None  # (batch, requests, crops, submitted)
         for nxt in batches:
             nxt = self._take(nxt)
-            try:
-                self._submit(nxt[1], nxt[2])
-                ok = True
-            except Exception:  # noqa: BLE001 -- surfaces when this batch is fetched
-                self._pipe, ok = None, False
+            ok = self._try_submit(nxt)
             if ahead is not None:
                 out, lost = self._finish(ahead)
                 if lost:  # the pipeline failed and was rebuilt: the batch behind it is resubmitted
-                    ok = self._resubmit(nxt)
+                    ok = self._try_submit(nxt)
                 yield out
             ahead = (*nxt, ok)
         if ahead is not None:
             yield self._finish(ahead)[0]
-
-    def _resubmit(self, item) -> bool:
-        try:
-            self._submit(item[1], item[2])
-            return True
-        except Exception:  # noqa: BLE001
-            self._pipe = None
-            return False
 
     def _finish(self, item) -> tuple[dict, bool]:
         """-> (the decoded batch, whether the pipeline was rebuilt on the way)."""
