@@ -42,6 +42,10 @@ TARGET_NORMS = {"none": 0, "layernorm": 1, "l2": 2}
 L2_EPS = 1e-12  # F.normalize's default eps
 DEFAULT_CHUNK = 160  # rows per chunk at least: [160, 768] fp32 is 480 KiB; the paper batch (320 rows) runs in 2 chunks
 MAX_CHUNKS = 8  # ... and at most 8 chunks: the loop's cost stays small, z stays <= 1/8 of [N, Dt]
+# The native loss-only pass splits each chunk's rows between threads that run their own single-threaded GEMMs
+# (csrc/amd_fast_kernels.cpp, alignment_loss_pass): 0 lets it choose (every thread of ATen's pool when each gets
+# >= 64 rows of a chunk, else one thread and a multi-threaded BLAS); tests force a count.
+NATIVE_THREADS = 0
 
 
 def _empty(ref: torch.Tensor) -> torch.Tensor:
@@ -290,7 +294,7 @@ def alignment_loss_forward(
     if backend == "native":
         return _backend.native_module().alignment_loss_pass(
             h_BVS, ln_weight, ln_bias, ln_eps, weight, bias, target_BVT, pred_l2, target_norm, dist, target_eps,
-            compute_grad, chunk,
+            compute_grad, chunk, NATIVE_THREADS,
         )  # fmt: skip
     rows = ROWS[backend]
     B, V, Ds = h_BVS.shape
@@ -585,8 +589,7 @@ def fused_alignment_loss(
         raise ValueError(f"distance {distance!r} is unknown; allowed: {', '.join(DISTANCES)}")
     if target_norm not in TARGET_NORMS or pred_norm not in ("none", "l2"):
         raise ValueError(f"pred_norm {pred_norm!r} / target_norm {target_norm!r}: allowed none/l2, none/layernorm/l2")
-    name = backend or _backend.resolve("alignment_loss", h.device, h.dtype)
-    if name == "reference":
+    if backend == "reference" or (backend is None and _backend.selected() == "reference"):
         loss, z = alignment_loss_reference(h, weight, bias, target, ln_weight=ln_weight, ln_bias=ln_bias,
                                            ln_eps=ln_eps, pred_norm=pred_norm, target_norm=target_norm,
                                            target_eps=target_eps, distance=distance)  # fmt: skip
@@ -595,6 +598,8 @@ def fused_alignment_loss(
         dt = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
+    # resolved for the dtype the op will see (after autocast's cast: the native twin is fp32 / fp64 only)
+    name = backend or _backend.resolve("alignment_loss", h.device, h.dtype)
     lead = h.shape[:-1]
     h3 = h.reshape(1, -1, h.shape[-1]) if h.dim() != 3 else h
     t3 = target.detach()

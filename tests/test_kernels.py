@@ -112,6 +112,38 @@ def test_alignment_loss_compiled_twin(cfg, mode):
         _close(o, r32, r64, f"compiled {mode} output {i}")
 
 
+@pytest.mark.skipif(kb.native_module() is None, reason="native extension not built")
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(str(x) for x in c))
+def test_native_threaded_pass_matches_reference(monkeypatch, threads, cfg):
+    """The native loss-only pass with each chunk's rows split between threads (own GEMMs, a barrier before the
+    weight gradient's share of each thread) against the reference, as the one-thread pass is."""
+    import amd_fast.kernels.alignment_loss as al
+
+    for shape in SHAPES:
+        inputs = _align_inputs(*shape, cfg[3], cfg[4], strided=shape[1] > 1)
+        ref64 = _run_align(alignment_loss_reference, inputs, torch.float64, cfg, "loss")
+        for dtype in (torch.float64, torch.float32):
+            ref_lp = _run_align(alignment_loss_reference, inputs, dtype, cfg, "loss")
+            monkeypatch.setattr(al, "NATIVE_THREADS", threads)
+            out = _run_align(fused_alignment_loss, inputs, dtype, cfg, "loss", chunk_size=CHUNK, backend="native")
+            for i, (o, r_lp, r64) in enumerate(zip(out, ref_lp, ref64)):
+                _close(o, r_lp, r64, f"native x{threads} {dtype} {shape} output {i}")
+
+
+def test_alignment_loss_under_autocast_picks_a_twin_for_the_cast_dtype():
+    """bf16 autocast: the op sees bf16 operands, which the native twin does not take; auto must resolve for them."""
+    h, w, b, _, _, t = _align_inputs(2, 9, 8, 12, False, True, False)
+    h, w, t = h.float().requires_grad_(), w.float().requires_grad_(), t.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_alignment_loss(h, w, b.float(), t)
+        ref = alignment_loss_reference(h, w, b.float(), t)[0]
+    loss.backward()
+    assert loss.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=1e-3)
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
 def test_alignment_loss_without_grad_and_weights_grad_only():
     h, w, b, _, _, t = _align_inputs(2, 9, 8, 12, False, True, False)
     with torch.no_grad():
