@@ -22,7 +22,6 @@
 #include <exception>
 #include <cmath>
 #include <cstring>
-#include <functional>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -43,8 +42,8 @@ constexpr double kL2Eps = 1e-12;  // F.normalize's default eps
 #endif
 
 template <int DIST, bool GRAD, bool ACC>
-inline __attribute__((always_inline)) float plain_row(const float* z, const float* t, float* g, int64_t D, float scale,
-                                                      float tmean, float tscale) {
+inline __attribute__((always_inline)) float plain_row(const float* z, const float* t, float* g, const float* a,
+                                                      int64_t D, float scale, float tmean, float tscale) {
   float loss = 0;
 #pragma omp simd reduction(+ : loss)
   for (int64_t d = 0; d < D; ++d) {
@@ -61,23 +60,23 @@ inline __attribute__((always_inline)) float plain_row(const float* z, const floa
       loss += ad < 1 ? 0.5f * diff * diff : ad - 0.5f;
       gp = ad < 1 ? diff : (diff > 0 ? 1.f : -1.f);
     }
-    if (GRAD) g[d] = ACC ? g[d] + gp * scale : gp * scale;
+    if (GRAD) g[d] = ACC ? a[d] + gp * scale : gp * scale;
   }
   return loss;
 }
 
 template <int DIST>
-AMD_FAST_CLONES float plain_row_f32(const float* z, const float* t, float* g, int64_t D, float scale, bool acc,
+AMD_FAST_CLONES float plain_row_f32(const float* z, const float* t, float* g, const float* a, int64_t D, float scale,
                                     float tmean, float tscale) {
-  if (g == nullptr) return plain_row<DIST, false, false>(z, t, g, D, scale, tmean, tscale);
-  if (acc) return plain_row<DIST, true, true>(z, t, g, D, scale, tmean, tscale);
-  return plain_row<DIST, true, false>(z, t, g, D, scale, tmean, tscale);
+  if (g == nullptr) return plain_row<DIST, false, false>(z, t, g, a, D, scale, tmean, tscale);
+  if (a != nullptr) return plain_row<DIST, true, true>(z, t, g, a, D, scale, tmean, tscale);
+  return plain_row<DIST, true, false>(z, t, g, a, D, scale, tmean, tscale);
 }
 
 // One row; returns its summed loss. g may alias z (the gradient written over the projection, as the
 // chunked twin does): every z[d] is read before g[d] is written.
 template <typename T>
-double row_loss_grad(const T* z, const T* t, T* g, int64_t D, T scale, bool accumulate, bool pred_l2,
+double row_loss_grad(const T* z, const T* t, T* g, const T* acc, int64_t D, T scale, bool pred_l2,
                      int target_norm, int dist, T target_eps, T* buf) {
   T tmean = 0, tscale = 1;
   if (target_norm == 1) {  // LayerNorm without affine: biased variance, as F.layer_norm
@@ -97,9 +96,9 @@ double row_loss_grad(const T* z, const T* t, T* g, int64_t D, T scale, bool accu
   }
   if constexpr (std::is_same_v<T, float>) {
     if (!pred_l2) {
-      if (dist == 0) return plain_row_f32<0>(z, t, g, D, scale, accumulate, tmean, tscale);
-      if (dist == 1) return plain_row_f32<1>(z, t, g, D, scale, accumulate, tmean, tscale);
-      return plain_row_f32<2>(z, t, g, D, scale, accumulate, tmean, tscale);
+      if (dist == 0) return plain_row_f32<0>(z, t, g, acc, D, scale, tmean, tscale);
+      if (dist == 1) return plain_row_f32<1>(z, t, g, acc, D, scale, tmean, tscale);
+      return plain_row_f32<2>(z, t, g, acc, D, scale, tmean, tscale);
     }
   }
   T nrm = 0, pscale = 1;
@@ -140,13 +139,13 @@ double row_loss_grad(const T* z, const T* t, T* g, int64_t D, T scale, bool accu
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
         T gz = (buf[d] - z[d] * pscale * proj) * inv * scale;
-        g[d] = accumulate ? g[d] + gz : gz;
+        g[d] = acc != nullptr ? acc[d] + gz : gz;
       }
     } else {
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
         T gz = buf[d] * scale;
-        g[d] = accumulate ? g[d] + gz : gz;
+        g[d] = acc != nullptr ? acc[d] + gz : gz;
       }
     }
   }
@@ -155,10 +154,12 @@ double row_loss_grad(const T* z, const T* t, T* g, int64_t D, T scale, bool accu
 
 // Rows [row0, row0 + R) of the flattened [B*V, D] problem: z, g [R, D] (contiguous rows), t [B, V, D] (or
 // [B*V, D]) with contiguous rows and any row / sample strides (t may be a t[:, :V] view, never copied).
-// With row_loss_out, each row's loss is also written there (the caller sums them in row order).
+// The gradient is g = scale * dloss/dz, or base + that (base: [R, D] with contiguous rows, may be g itself, which
+// is what accumulate means). With row_loss_out, each row's loss is also written there (the caller sums them in
+// row order).
 double rows_impl(const at::Tensor& z_in, const at::Tensor& t_in, int64_t row0, const c10::optional<at::Tensor>& g_opt,
                  double scale, bool accumulate, bool pred_l2, int64_t target_norm, int64_t dist,
-                 double target_eps, double* row_loss_out = nullptr) {
+                 double target_eps, double* row_loss_out = nullptr, const at::Tensor& base_in = at::Tensor()) {
   at::Tensor z = z_in.dim() == 3 ? z_in.reshape({-1, z_in.size(2)}) : z_in;
   at::Tensor t = t_in.dim() == 2 ? t_in.unsqueeze(0) : t_in;
   TORCH_CHECK(z.dim() == 2 && t.dim() == 3 && t.size(2) == z.size(1), "alignment_rows: z [R, D], target [B, V, D]");
@@ -171,19 +172,26 @@ double rows_impl(const at::Tensor& z_in, const at::Tensor& t_in, int64_t row0, c
     TORCH_CHECK(g.sizes() == z.sizes() && g.stride(1) == 1 && g.scalar_type() == z.scalar_type(),
                 "alignment_rows: grad must match z");
   }
+  at::Tensor base = accumulate ? g : at::Tensor();
+  if (base_in.defined()) {
+    base = base_in.dim() == 3 ? base_in.reshape({-1, base_in.size(2)}) : base_in;
+    if (base.scalar_type() != z.scalar_type() || base.stride(1) != 1) base = base.to(z.scalar_type()).contiguous();
+    TORCH_CHECK(g.defined() && base.sizes() == z.sizes(), "alignment_rows: base must match z");
+  }
   const int64_t R = z.size(0), D = z.size(1), V = t.size(1);
   std::vector<double> row_loss(R, 0.0);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "alignment_rows", [&] {
     const scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* tp = t.data_ptr<scalar_t>();
     scalar_t* gp = g.defined() ? g.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ap = base.defined() ? base.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, R, 8, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buf(D);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = (row0 + r) / V, v = (row0 + r) % V;
         row_loss[r] = row_loss_grad<scalar_t>(
-            zp + r * z.stride(0), tp + b * t.stride(0) + v * t.stride(1), gp ? gp + r * g.stride(0) : nullptr, D,
-            static_cast<scalar_t>(scale), accumulate, pred_l2, static_cast<int>(target_norm),
+            zp + r * z.stride(0), tp + b * t.stride(0) + v * t.stride(1), gp ? gp + r * g.stride(0) : nullptr,
+            ap ? ap + r * base.stride(0) : nullptr, D, static_cast<scalar_t>(scale), pred_l2, static_cast<int>(target_norm),
             static_cast<int>(dist), static_cast<scalar_t>(target_eps), buf.data());
       }
     });
@@ -210,8 +218,89 @@ SetThreadsLocal mkl_threads_local() {
   return f;
 }
 
-// Rows per thread below which the loss-only pass leaves the threading to the BLAS (one GEMM at a time).
+// Rows per thread below which the threaded GEMMs leave the threading to the BLAS (one GEMM at a time).
 constexpr int64_t kMinRowsPerThread = 64;
+
+// Threads for `rows` rows of work: forced (> 0, tests) or auto: the ATen pool's size when every thread gets >=
+// kMinRowsPerThread rows and the BLAS is MKL (whose GEMMs can be held to one thread each), else 1.
+int64_t split_threads(int64_t rows, int64_t threads) {
+  int64_t P = threads > 0 ? threads : at::get_num_threads();
+  if (threads <= 0 && (rows < P * kMinRowsPerThread || mkl_threads_local() == nullptr)) P = 1;
+  return std::max<int64_t>(1, std::min<int64_t>(P, rows));
+}
+
+// The first error of a threaded region, kept; the other threads skip their remaining work (still meeting every
+// barrier), and the caller rethrows it once the region has ended.
+struct FirstError {
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex mutex;
+  template <typename F>
+  void guarded(F&& fn) {
+    if (failed.load()) return;
+    try {
+      fn();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (!error) error = std::current_exception();
+      failed = true;
+    }
+  }
+  void rethrow() {
+    if (error) std::rethrow_exception(error);
+  }
+};
+
+// fn(i, barrier) for i in [0, P), one OpenMP thread each, with ATen's thread-local state (grad mode off, as in the
+// op's caller; as at::parallel_for does) and MKL held to one thread per GEMM. fn must not throw (FirstError).
+template <typename F>
+void on_threads(int64_t P, const F& fn) {
+  if (P == 1) {
+    fn(0, [] {});
+    return;
+  }
+  const at::ThreadLocalState state;
+#pragma omp parallel num_threads(P)
+  {
+    at::ThreadLocalStateGuard guard(state);
+    const SetThreadsLocal set_local = mkl_threads_local();
+    const int previous = set_local != nullptr ? set_local(1) : 0;
+    fn(omp_get_thread_num(), [] {
+#pragma omp barrier
+    });
+    if (set_local != nullptr) set_local(previous);
+  }
+}
+
+// out = a @ b (+ bias): a [M, K] (any strides: a transposed view too), b [K, N]. The rows of out are split between
+// split_threads(M) threads, each running one single-threaded GEMM on its rows; with one thread it is one
+// (multi-threaded) BLAS call.
+at::Tensor mm_rows(const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias, int64_t threads) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "mm_rows: a [M, K], b [K, N]");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && (!bias.has_value() || !bias->defined() ||
+                                                     bias->scalar_type() == a.scalar_type()),
+              "mm_rows: a, b and bias must share one dtype");
+  const bool has_b = bias.has_value() && bias->defined();
+  if (has_b) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == b.size(1), "mm_rows: bias [N]");
+  const int64_t M = a.size(0);
+  at::Tensor out = at::empty({M, b.size(1)}, a.options());
+  const int64_t P = split_threads(M, threads);
+  FirstError err;
+  on_threads(P, [&](int64_t i, const auto&) {
+    err.guarded([&] {
+      const int64_t r0 = M * i / P, r1 = M * (i + 1) / P;
+      if (r1 <= r0) return;
+      at::Tensor o = out.narrow(0, r0, r1 - r0), ai = a.narrow(0, r0, r1 - r0);
+      if (has_b) {
+        at::addmm_out(o, *bias, ai, b);
+      } else {
+        at::mm_out(o, ai, b);
+      }
+    });
+  });
+  err.rethrow();
+  return out;
+}
 
 // The loss-only op's chunk loop. Each chunk's rows are split between P threads, and each thread runs its own
 // single-threaded GEMMs: the projection of its rows, their row pass (loss, and the gradient written over z),
@@ -234,9 +323,7 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
   const int64_t N = B * V;
   const int64_t n_chunks = (N + chunk - 1) / std::max<int64_t>(chunk, 1);
   const int64_t rows = n_chunks ? (N + n_chunks - 1) / n_chunks : 0;  // equal chunks, none a sliver
-  int64_t P = threads > 0 ? threads : at::get_num_threads();
-  if (threads <= 0 && (rows < P * kMinRowsPerThread || mkl_threads_local() == nullptr)) P = 1;
-  P = std::max<int64_t>(1, std::min<int64_t>({P, rows, Dt}));
+  const int64_t P = std::min<int64_t>(split_threads(rows, threads), std::max<int64_t>(Dt, 1));
   // the pass's inputs are checked here, before any thread starts: nothing below throws on valid input
   const auto zdtype = at::promote_types(h.scalar_type(), w.scalar_type());
   TORCH_CHECK(h.scalar_type() == w.scalar_type() && (!has_b || b_opt->scalar_type() == w.scalar_type()) &&
@@ -267,30 +354,17 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
   at::Tensor zbuf = at::empty({rows, Dt}, h.options().dtype(zdtype));
   at::Tensor hnbuf = ln && compute_grad && P > 1 ? at::empty({rows, Ds}, h.options()) : at::Tensor();
   std::vector<double> row_loss(static_cast<size_t>(N), 0.0);
-  // an error in one thread is kept, the others skip their remaining work (still meeting every barrier)
-  std::atomic<bool> failed{false};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto guarded = [&](auto&& fn) {
-    if (failed.load()) return;
-    try {
-      fn();
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
-      failed = true;
-    }
-  };
+  FirstError err;
 
   // thread i of P: rows [r0, r1) of each chunk, weight-gradient rows [c0, c1)
-  auto body = [&](int64_t i, const std::function<void()>& barrier) {
+  on_threads(P, [&](int64_t i, const auto& barrier) {
     const int64_t c0 = Dt * i / P, c1 = Dt * (i + 1) / P;
     for (int64_t s = 0; s < N; s += rows) {
       const int64_t n = std::min(rows, N - s);
       const int64_t r0 = n * i / P, r1 = n * (i + 1) / P;
       at::Tensor z = zbuf.narrow(0, 0, n);
       at::Tensor hn_all = hnbuf.defined() ? hnbuf.narrow(0, 0, n) : h2.narrow(0, s, n);
-      guarded([&] {
+      err.guarded([&] {
         if (r1 <= r0) return;
         at::Tensor hc = h2.narrow(0, s + r0, r1 - r0);
         at::Tensor zc = z.narrow(0, r0, r1 - r0);
@@ -324,7 +398,7 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
       });
       if (!compute_grad) continue;
       barrier();  // every row of the chunk's gradient (and normalized input) is written
-      guarded([&] {
+      err.guarded([&] {
         if (c1 <= c0) return;
         at::Tensor zg = z.narrow(1, c0, c1 - c0);
         at::Tensor dwc = dw.narrow(0, c0, c1 - c0);
@@ -337,24 +411,8 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
       });
       barrier();  // z is read by every thread before the next chunk overwrites it
     }
-  };
-  if (P == 1) {
-    body(0, [] {});
-  } else {
-    // ATen's thread-local state (grad mode off, as in the op's caller) in every thread, as at::parallel_for does
-    const at::ThreadLocalState state;
-#pragma omp parallel num_threads(P)
-    {
-      at::ThreadLocalStateGuard guard(state);
-      const SetThreadsLocal set_local = mkl_threads_local();
-      const int previous = set_local != nullptr ? set_local(1) : 0;
-      body(omp_get_thread_num(), [] {
-#pragma omp barrier
-      });
-      if (set_local != nullptr) set_local(previous);
-    }
-  }
-  if (error) std::rethrow_exception(error);
+  });
+  err.rethrow();
   double loss = 0;
   for (double x : row_loss) loss += x;  // row order
   auto out_dtype = at::promote_types(zdtype, t.scalar_type());
@@ -363,6 +421,56 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
   at::Tensor dlnw = compute_grad && ln ? dlnw_p.sum(0) : e, dlnb = compute_grad && ln ? dlnb_p.sum(0) : e;
   auto opt = [&](const at::Tensor& x) { return x.defined() ? x : h.new_empty({0}); };
   return {loss_t, opt(dh), opt(dw), opt(db), opt(dlnw), opt(dlnb)};
+}
+
+// The with-z op (AMD: the generator reads the projection), forward: hn = LN(h) (optional), z = hn W^T + b by
+// mm_rows, the loss by the row pass -> (loss, z [B, V, Dt]).
+std::vector<at::Tensor> alignment_loss_z_fwd(const at::Tensor& h, const c10::optional<at::Tensor>& ln_w,
+                                             const c10::optional<at::Tensor>& ln_b, double ln_eps, const at::Tensor& w,
+                                             const c10::optional<at::Tensor>& b, const at::Tensor& t, bool pred_l2,
+                                             int64_t target_norm, int64_t dist, double target_eps, int64_t threads) {
+  TORCH_CHECK(h.dim() == 3, "alignment_loss_z: h must be [B, V, Ds]");
+  const int64_t B = h.size(0), V = h.size(1), Ds = h.size(2), Dt = w.size(0);
+  const bool ln = ln_w.has_value() && ln_w->defined();
+  at::Tensor hn = ln ? at::layer_norm(h, {Ds}, *ln_w, *ln_b, ln_eps) : h;
+  at::Tensor z = mm_rows(hn.reshape({B * V, Ds}), w.t(), b, threads).view({B, V, Dt});
+  const double loss = rows_impl(z, t, 0, c10::nullopt, 0.0, false, pred_l2, target_norm, dist, target_eps);
+  const auto out_dtype = at::promote_types(z.scalar_type(), t.scalar_type());
+  return {at::scalar_tensor(loss / std::max<int64_t>(1, B * V * Dt), h.options().dtype(out_dtype)), z};
+}
+
+// ... its backward: g = grad_z + grad_loss * dloss/dz in one row pass (no copy of grad_z first), then the input
+// gradient (through the LayerNorm's backward when there is one) and the weight gradient, both by mm_rows
+// -> (dh, dw, db, dlnw, dlnb).
+std::vector<at::Tensor> alignment_loss_z_bwd(double grad_loss, const c10::optional<at::Tensor>& grad_z,
+                                             const at::Tensor& z, const at::Tensor& h,
+                                             const c10::optional<at::Tensor>& ln_w,
+                                             const c10::optional<at::Tensor>& ln_b, double ln_eps, const at::Tensor& w,
+                                             bool has_bias, const at::Tensor& t, bool pred_l2, int64_t target_norm,
+                                             int64_t dist, double target_eps, int64_t threads) {
+  TORCH_CHECK(h.dim() == 3 && z.dim() == 3, "alignment_loss_z_backward: h [B, V, Ds], z [B, V, Dt]");
+  const int64_t B = h.size(0), V = h.size(1), Ds = h.size(2), Dt = z.size(2), N = B * V;
+  const bool ln = ln_w.has_value() && ln_w->defined();
+  at::Tensor g = at::empty({N, Dt}, z.options());
+  const at::Tensor base = grad_z.has_value() && grad_z->defined() ? *grad_z : at::Tensor();
+  rows_impl(z, t, 0, g, grad_loss / std::max<int64_t>(1, N * Dt), false, pred_l2, target_norm, dist, target_eps,
+            nullptr, base);
+  const at::Tensor h2 = h.reshape({N, Ds});
+  at::Tensor dh, dw, dlnw, dlnb, hn = h2;
+  if (ln) {
+    at::Tensor mean, rstd;
+    std::tie(hn, mean, rstd) = at::native_layer_norm(h2, {Ds}, *ln_w, *ln_b, ln_eps);
+    auto grads = at::native_layer_norm_backward(mm_rows(g, w, c10::nullopt, threads), h2, {Ds}, mean, rstd, *ln_w,
+                                                *ln_b, {true, true, true});
+    dh = std::get<0>(grads);
+    dlnw = std::get<1>(grads);
+    dlnb = std::get<2>(grads);
+  } else {
+    dh = mm_rows(g, w, c10::nullopt, threads);
+  }
+  dw = mm_rows(g.t(), hn, c10::nullopt, threads);
+  auto e = h.new_empty({0});
+  return {dh.view(h.sizes()), dw, has_bias ? g.sum(0) : e, ln ? dlnw : e.clone(), ln ? dlnb : e.clone()};
 }
 
 // Row loops live outside the AT_DISPATCH lambdas: a #pragma cannot appear inside a macro argument.
@@ -474,6 +582,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("alignment_rows", &alignment_rows, "row part of the alignment loss -> summed loss (float64 scalar)");
   m.def("alignment_loss_pass", &alignment_loss_pass, "chunked loss-only alignment loss (+ grads)");
   m.def("gather_rows", &gather_rows, "src[b * rps + ids[b, j]] (+ pos[ids[b, j]]) (+ base[b, j])");
+  m.def("alignment_loss_z_fwd", &alignment_loss_z_fwd, "with-z alignment loss -> (loss, z)");
+  m.def("alignment_loss_z_bwd", &alignment_loss_z_bwd, "its backward -> (dh, dw, db, dlnw, dlnb)");
+  m.def("mm_rows", &mm_rows, "a @ b (+ bias), rows split between threads running single-threaded GEMMs",
+        py::arg("a"), py::arg("b"), py::arg("bias") = py::none(), py::arg("threads") = 0);
   m.def("blas_threads_local", [] { return mkl_threads_local() != nullptr; },
         "whether the BLAS's per-thread thread count can be set (MKL): the threaded loss-only pass needs it");
   m.def("scatter_add_rows", &scatter_add_rows, "backward of gather_rows w.r.t. x");

@@ -42,9 +42,9 @@ TARGET_NORMS = {"none": 0, "layernorm": 1, "l2": 2}
 L2_EPS = 1e-12  # F.normalize's default eps
 DEFAULT_CHUNK = 160  # rows per chunk at least: [160, 768] fp32 is 480 KiB; the paper batch (320 rows) runs in 2 chunks
 MAX_CHUNKS = 8  # ... and at most 8 chunks: the loop's cost stays small, z stays <= 1/8 of [N, Dt]
-# The native loss-only pass splits each chunk's rows between threads that run their own single-threaded GEMMs
-# (csrc/amd_fast_kernels.cpp, alignment_loss_pass): 0 lets it choose (every thread of ATen's pool when each gets
-# >= 64 rows of a chunk, else one thread and a multi-threaded BLAS); tests force a count.
+# The native twin splits each GEMM's rows between threads that run their own single-threaded GEMMs
+# (csrc/amd_fast_kernels.cpp: alignment_loss_pass per chunk, mm_rows on the with-z path): 0 lets it choose (every
+# thread of ATen's pool when each gets >= 64 rows, else one thread and a multi-threaded BLAS); tests force a count.
 NATIVE_THREADS = 0
 
 
@@ -342,17 +342,19 @@ def alignment_loss_z_forward(
     h_BVS, weight, bias, target_BVT, ln_weight, ln_bias, ln_eps, pred_l2, target_norm, dist, target_eps, chunk,
     backend,
 ):  # fmt: skip
-    """-> (loss, z [B, V, Dt]): the projection is materialized (a generator reads it)."""
+    """-> (loss, z [B, V, Dt]): the projection is materialized (a generator reads it). The native twin runs the
+    whole op in one call (csrc: alignment_loss_z_fwd, its GEMM split between threads as the loss-only pass's)."""
+    if backend == "native":
+        return tuple(_backend.native_module().alignment_loss_z_fwd(
+            h_BVS, ln_weight, ln_bias, ln_eps, weight, bias, target_BVT, pred_l2, target_norm, dist, target_eps,
+            NATIVE_THREADS,
+        ))  # fmt: skip
     hn = F.layer_norm(h_BVS, (h_BVS.shape[-1],), ln_weight, ln_bias, ln_eps) if ln_weight is not None else h_BVS
     z = F.linear(hn, weight, bias)
     B, V, Dt = z.shape
-    if backend == "native":
-        loss = _backend.native_module().alignment_rows(z, target_BVT, None, 0.0, False, pred_l2, target_norm, dist,
-                                                      target_eps)  # fmt: skip
-    else:
-        rows, z_NT = ROWS[backend], z.view(B * V, Dt)
-        loss = sum(rows(z_NT[s:e], _target_rows(target_BVT, s, e), None, 0.0, False, pred_l2, target_norm, dist,
-                        target_eps) for s, e in _chunks(B * V, chunk))  # fmt: skip
+    rows, z_NT = ROWS[backend], z.view(B * V, Dt)
+    loss = sum(rows(z_NT[s:e], _target_rows(target_BVT, s, e), None, 0.0, False, pred_l2, target_norm, dist,
+                    target_eps) for s, e in _chunks(B * V, chunk))  # fmt: skip
     return (loss / max(1, B * V * Dt)).to(_out_dtype(h_BVS, weight, target_BVT)), z
 
 
@@ -362,18 +364,18 @@ def alignment_loss_z_backward(
 ):  # fmt: skip
     """grad_z (from the generator) + grad_loss * dloss/dz, then the input and weight GEMMs
     -> (dh, dw, db, dlnw, dlnb)."""
+    if backend == "native":  # one call (csrc: alignment_loss_z_bwd)
+        return tuple(_backend.native_module().alignment_loss_z_bwd(
+            float(grad_loss), grad_z, z_BVT, h_BVS, ln_weight, ln_bias, ln_eps, weight, bias is not None, target_BVT,
+            pred_l2, target_norm, dist, target_eps, NATIVE_THREADS,
+        ))  # fmt: skip
     B, V, Dt = z_BVT.shape
     g = grad_z.clone() if grad_z is not None else torch.zeros_like(z_BVT)
     scale = (grad_loss.float() / max(1, B * V * Dt)).reshape(())
-    if backend == "native":
-        _backend.native_module().alignment_rows(z_BVT, target_BVT, g, scale.item(), True, pred_l2, target_norm, dist,
-                                                target_eps)  # fmt: skip
-    else:
-        rows, z_NT, g_NT = ROWS[backend], z_BVT.view(B * V, Dt), g.view(B * V, Dt)
-        for s, e in _chunks(B * V, chunk):
-            rows(z_NT[s:e], _target_rows(target_BVT, s, e), g_NT[s:e], scale, True, pred_l2, target_norm, dist,
-                 target_eps)  # fmt: skip
-    g_NT = g.view(B * V, Dt)
+    rows, z_NT, g_NT = ROWS[backend], z_BVT.view(B * V, Dt), g.view(B * V, Dt)
+    for s, e in _chunks(B * V, chunk):
+        rows(z_NT[s:e], _target_rows(target_BVT, s, e), g_NT[s:e], scale, True, pred_l2, target_norm, dist,
+             target_eps)  # fmt: skip
     h_NS = h_BVS.reshape(B * V, -1)
     dlnw = dlnb = None
     if ln_weight is not None:

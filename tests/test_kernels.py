@@ -115,20 +115,34 @@ def test_alignment_loss_compiled_twin(cfg, mode):
 @pytest.mark.skipif(kb.native_module() is None, reason="native extension not built")
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(str(x) for x in c))
-def test_native_threaded_pass_matches_reference(monkeypatch, threads, cfg):
-    """The native loss-only pass with each chunk's rows split between threads (own GEMMs, a barrier before the
-    weight gradient's share of each thread) against the reference, as the one-thread pass is."""
+@pytest.mark.parametrize("mode", ["loss", "z"])
+def test_native_threaded_gemms_match_reference(monkeypatch, threads, cfg, mode):
+    """The native twin with each GEMM's rows split between threads running their own GEMMs (the loss-only pass:
+    per chunk, a barrier before each thread's share of the weight gradient; the with-z path: mm_rows) against
+    the reference, as the one-thread path is. Forced: at these sizes `auto` leaves the threading to the BLAS."""
     import amd_fast.kernels.alignment_loss as al
 
+    monkeypatch.setattr(al, "NATIVE_THREADS", threads)
     for shape in SHAPES:
         inputs = _align_inputs(*shape, cfg[3], cfg[4], strided=shape[1] > 1)
-        ref64 = _run_align(alignment_loss_reference, inputs, torch.float64, cfg, "loss")
+        ref64 = _run_align(alignment_loss_reference, inputs, torch.float64, cfg, mode)
         for dtype in (torch.float64, torch.float32):
-            ref_lp = _run_align(alignment_loss_reference, inputs, dtype, cfg, "loss")
-            monkeypatch.setattr(al, "NATIVE_THREADS", threads)
-            out = _run_align(fused_alignment_loss, inputs, dtype, cfg, "loss", chunk_size=CHUNK, backend="native")
+            ref_lp = _run_align(alignment_loss_reference, inputs, dtype, cfg, mode)
+            out = _run_align(fused_alignment_loss, inputs, dtype, cfg, mode, chunk_size=CHUNK, backend="native")
             for i, (o, r_lp, r64) in enumerate(zip(out, ref_lp, ref64)):
-                _close(o, r_lp, r64, f"native x{threads} {dtype} {shape} output {i}")
+                _close(o, r_lp, r64, f"native x{threads} {mode} {dtype} {shape} output {i}")
+
+
+@pytest.mark.skipif(kb.native_module() is None, reason="native extension not built")
+def test_native_mm_rows():
+    m = kb.native_module()
+    g = torch.Generator().manual_seed(0)
+    a, b, bias = torch.randn(37, 9, generator=g), torch.randn(9, 5, generator=g), torch.randn(5, generator=g)
+    for threads in (0, 1, 2, 3, 40):  # 40 > rows of the transposed case: capped, no empty slices written
+        torch.testing.assert_close(m.mm_rows(a, b, bias, threads), torch.addmm(bias, a, b))
+        torch.testing.assert_close(m.mm_rows(a.t(), a, None, threads), a.t() @ a)  # a transposed view
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        m.mm_rows(a, b.double())
 
 
 def test_alignment_loss_under_autocast_picks_a_twin_for_the_cast_dtype():
