@@ -224,6 +224,7 @@ constexpr int64_t kMinRowsPerThread = 64;
 // Threads for `rows` rows of work: forced (> 0, tests) or auto: the ATen pool's size when every thread gets >=
 // kMinRowsPerThread rows and the BLAS is MKL (whose GEMMs can be held to one thread each), else 1.
 int64_t split_threads(int64_t rows, int64_t threads) {
+  if (omp_in_parallel()) return 1;  // called from a parallel region: a nested team would have one thread
   int64_t P = threads > 0 ? threads : at::get_num_threads();
   if (threads <= 0 && (rows < P * kMinRowsPerThread || mkl_threads_local() == nullptr)) P = 1;
   return std::max<int64_t>(1, std::min<int64_t>(P, rows));
@@ -251,25 +252,36 @@ struct FirstError {
   }
 };
 
-// fn(i, barrier) for i in [0, P), one OpenMP thread each, with ATen's thread-local state (grad mode off, as in the
-// op's caller; as at::parallel_for does) and MKL held to one thread per GEMM. fn must not throw (FirstError).
+// fn(i, barrier) for i in [0, P), one OpenMP thread each, with ATen's thread-local state (as at::parallel_for
+// does), grad mode off (these are kernels: out= GEMMs, no graph) and MKL held to one thread per GEMM. fn must not
+// throw (FirstError). Returns false, having run nothing, when OpenMP gave a team of another size (a thread limit):
+// the caller then runs its P = 1 path.
 template <typename F>
-void on_threads(int64_t P, const F& fn) {
+bool on_threads(int64_t P, const F& fn) {
   if (P == 1) {
+    at::NoGradGuard no_grad;
     fn(0, [] {});
-    return;
+    return true;
   }
   const at::ThreadLocalState state;
+  bool full_team = true;
 #pragma omp parallel num_threads(P)
   {
-    at::ThreadLocalStateGuard guard(state);
-    const SetThreadsLocal set_local = mkl_threads_local();
-    const int previous = set_local != nullptr ? set_local(1) : 0;
-    fn(omp_get_thread_num(), [] {
+    if (omp_get_num_threads() != P) {  // every thread of the team sees the same: none runs fn
+#pragma omp single
+      full_team = false;
+    } else {
+      at::ThreadLocalStateGuard guard(state);
+      at::NoGradGuard no_grad;
+      const SetThreadsLocal set_local = mkl_threads_local();
+      const int previous = set_local != nullptr ? set_local(1) : 0;
+      fn(omp_get_thread_num(), [] {
 #pragma omp barrier
-    });
-    if (set_local != nullptr) set_local(previous);
+      });
+      if (set_local != nullptr) set_local(previous);
+    }
   }
+  return full_team;
 }
 
 // out = a @ b (+ bias): a [M, K] (any strides: a transposed view too), b [K, N]. The rows of out are split between
@@ -286,7 +298,7 @@ at::Tensor mm_rows(const at::Tensor& a, const at::Tensor& b, const c10::optional
   at::Tensor out = at::empty({M, b.size(1)}, a.options());
   const int64_t P = split_threads(M, threads);
   FirstError err;
-  on_threads(P, [&](int64_t i, const auto&) {
+  auto part = [&](int64_t i, const auto&) {
     err.guarded([&] {
       const int64_t r0 = M * i / P, r1 = M * (i + 1) / P;
       if (r1 <= r0) return;
@@ -297,7 +309,11 @@ at::Tensor mm_rows(const at::Tensor& a, const at::Tensor& b, const c10::optional
         at::mm_out(o, ai, b);
       }
     });
-  });
+  };
+  if (!on_threads(P, part)) {  // no barriers in part: its pieces can run one after another
+    at::NoGradGuard no_grad;
+    for (int64_t i = 0; i < P; ++i) part(i, [] {});
+  }
   err.rethrow();
   return out;
 }
@@ -309,7 +325,7 @@ at::Tensor mm_rows(const at::Tensor& a, const at::Tensor& b, const c10::optional
 // own 2-thread GEMM of 160 rows reaches ~144 (not 2 x 87): splitting the work by hand keeps both cores busy
 // without the BLAS's per-call fork/join and partition losses. threads: 0 auto (P = the ATen pool's size when
 // every thread gets >= kMinRowsPerThread rows of a chunk and the BLAS is MKL, whose GEMMs can be held to one
-// 
+// thread each; else 1: the BLAS threads each GEMM), else forced (tests).
 std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::optional<at::Tensor>& ln_w_opt,
                                             const c10::optional<at::Tensor>& ln_b_opt, double ln_eps,
                                             const at::Tensor& w, const c10::optional<at::Tensor>& b_opt,
@@ -323,7 +339,7 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
   const int64_t N = B * V;
   const int64_t n_chunks = (N + chunk - 1) / std::max<int64_t>(chunk, 1);
   const int64_t rows = n_chunks ? (N + n_chunks - 1) / n_chunks : 0;  // equal chunks, none a sliver
-  const int64_t P = std::min<int64_t>(split_threads(rows, threads), std::max<int64_t>(Dt, 1));
+  const int64_t P_team = std::min<int64_t>(split_threads(rows, threads), std::max<int64_t>(Dt, 1));
   // the pass's inputs are checked here, before any thread starts: nothing below throws on valid input
   const auto zdtype = at::promote_types(h.scalar_type(), w.scalar_type());
   TORCH_CHECK(h.scalar_type() == w.scalar_type() && (!has_b || b_opt->scalar_type() == w.scalar_type()) &&
@@ -343,8 +359,8 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
   // per-thread LayerNorm weight-gradient partials, summed in thread order at the end ([P, Ds]: small)
   at::Tensor dlnw_p, dlnb_p;
   if (compute_grad && ln) {
-    dlnw_p = at::zeros({P, Ds}, h.options());
-    dlnb_p = at::zeros({P, Ds}, h.options());
+    dlnw_p = at::zeros({P_team, Ds}, h.options());
+    dlnb_p = at::zeros({P_team, Ds}, h.options());
   }
   const at::Tensor wt = w.t();
   const at::Tensor h2 = h.view({N, Ds});
@@ -352,12 +368,12 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
   // one [rows, Dt] buffer for every chunk's projection (and, written over it, its gradient); with the
   // LayerNorm, one [rows, Ds] buffer for the chunk's normalized rows (the weight gradient reads all of them)
   at::Tensor zbuf = at::empty({rows, Dt}, h.options().dtype(zdtype));
-  at::Tensor hnbuf = ln && compute_grad && P > 1 ? at::empty({rows, Ds}, h.options()) : at::Tensor();
+  at::Tensor hnbuf = ln && compute_grad && P_team > 1 ? at::empty({rows, Ds}, h.options()) : at::Tensor();
   std::vector<double> row_loss(static_cast<size_t>(N), 0.0);
   FirstError err;
 
   // thread i of P: rows [r0, r1) of each chunk, weight-gradient rows [c0, c1)
-  on_threads(P, [&](int64_t i, const auto& barrier) {
+  auto pass = [&](const int64_t P, int64_t i, const auto& barrier) {
     const int64_t c0 = Dt * i / P, c1 = Dt * (i + 1) / P;
     for (int64_t s = 0; s < N; s += rows) {
       const int64_t n = std::min(rows, N - s);
@@ -411,7 +427,10 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
       });
       barrier();  // z is read by every thread before the next chunk overwrites it
     }
-  });
+  };
+  if (!on_threads(P_team, [&](int64_t i, const auto& barrier) { pass(P_team, i, barrier); })) {
+    on_threads(1, [&](int64_t i, const auto& barrier) { pass(1, i, barrier); });
+  }
   err.rethrow();
   double loss = 0;
   for (double x : row_loss) loss += x;  // row order

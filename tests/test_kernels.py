@@ -8,6 +8,8 @@ bf16 runs through the interpreter with bf16 operands as such; the interpreter is
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,6 +133,30 @@ def test_native_threaded_gemms_match_reference(monkeypatch, threads, cfg, mode):
             out = _run_align(fused_alignment_loss, inputs, dtype, cfg, mode, chunk_size=CHUNK, backend="native")
             for i, (o, r_lp, r64) in enumerate(zip(out, ref_lp, ref64)):
                 _close(o, r_lp, r64, f"native x{threads} {mode} {dtype} {shape} output {i}")
+
+
+@pytest.mark.skipif(kb.native_module() is None, reason="native extension not built")
+def test_native_threaded_gemms_fall_back_when_openmp_gives_fewer_threads():
+    """OMP_THREAD_LIMIT=1: the 2-thread team comes up with one thread; the pass must notice and run on one."""
+    code = (
+        "import torch, amd_fast.kernels.alignment_loss as al\n"
+        "from amd_fast.kernels import alignment_loss_reference as ref, fused_alignment_loss as f\n"
+        "al.NATIVE_THREADS = 2\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "h = torch.randn(2, 37, 24, generator=g, requires_grad=True); w = torch.randn(40, 24, generator=g)\n"
+        "t = torch.randn(2, 37, 40, generator=g)\n"
+        "for z in (False, True):\n"
+        "    out = f(h, w, None, t, return_z=z, chunk_size=16, backend='native')\n"
+        "    loss = out[0] if z else out\n"
+        "    gh, = torch.autograd.grad(loss, h)\n"
+        "    r = ref(h, w, None, t)[0]\n"
+        "    rh, = torch.autograd.grad(r, h)\n"
+        "    torch.testing.assert_close(loss, r); torch.testing.assert_close(gh, rh)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
 @pytest.mark.skipif(kb.native_module() is None, reason="native extension not built")
