@@ -21,9 +21,9 @@ Two ways to run it:
 Implementations, all against `alignment_loss_reference` in tests/test_kernels.py: the row part
 (normalizations, distance, its gradient, written in place over the chunk's z) is `_alignment_rows_kernel`
 (Triton), `_rows_torch` (the chunked PyTorch twin; `compiled`: the same through torch.compile) or the C++
-twin (csrc/amd_fast_kernels.cpp, which also runs the chunk loop). The GEMMs are torch's (cuBLAS / the CPU
-BLAS) on every path, as in Liger's FLCE: a Triton GEMM would not beat cuBLAS at these sizes, and the row part
-is where the fusion saves memory traffic.
+twin (csrc/amd_fast_kernels.cpp, which also runs the loss-only chunk loop and the whole with-z op, its GEMMs
+split between threads). The GEMMs are the BLAS's (cuBLAS / MKL) on every path, as in Liger's FLCE: a Triton
+GEMM would not beat cuBLAS at these sizes, and the row part is where the fusion saves memory traffic.
 """
 
 from __future__ import annotations
@@ -591,7 +591,8 @@ def fused_alignment_loss(
         raise ValueError(f"distance {distance!r} is unknown; allowed: {', '.join(DISTANCES)}")
     if target_norm not in TARGET_NORMS or pred_norm not in ("none", "l2"):
         raise ValueError(f"pred_norm {pred_norm!r} / target_norm {target_norm!r}: allowed none/l2, none/layernorm/l2")
-    if backend == "reference" or (backend is None and _backend.selected() == "reference"):
+    name = backend or _backend.resolve("alignment_loss", h.device, h.dtype)
+    if name == "reference":
         loss, z = alignment_loss_reference(h, weight, bias, target, ln_weight=ln_weight, ln_bias=ln_bias,
                                            ln_eps=ln_eps, pred_norm=pred_norm, target_norm=target_norm,
                                            target_eps=target_eps, distance=distance)  # fmt: skip
@@ -600,8 +601,8 @@ def fused_alignment_loss(
         dt = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    # resolved for the dtype the op will see (after autocast's cast: the native twin is fp32 / fp64 only)
-    name = backend or _backend.resolve("alignment_loss", h.device, h.dtype)
+        if backend is None:  # resolved again for the dtype the op will see: the native twin is fp32 / fp64 only
+            name = _backend.resolve("alignment_loss", h.device, h.dtype)
     lead = h.shape[:-1]
     h3 = h.reshape(1, -1, h.shape[-1]) if h.dim() != 3 else h
     t3 = target.detach()
