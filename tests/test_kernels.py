@@ -160,6 +160,22 @@ def test_native_threaded_gemms_fall_back_when_openmp_gives_fewer_threads():
 
 
 @pytest.mark.skipif(kb.native_module() is None, reason="native extension not built")
+def test_native_with_z_takes_any_grad_z_layout():
+    """The generator's gradient may arrive expanded (z.sum()) or zero outside a slice; 600 rows: auto threads."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 300, 24, generator=g, requires_grad=True)
+    w = torch.randn(40, 24, generator=g, requires_grad=True)
+    t = torch.randn(2, 310, 40, generator=g)[:, :300]
+    for reader in (lambda z: z.sum(), lambda z: z.sum(1).pow(2).sum(), lambda z: z[:, :5].sum()):
+        loss, z = fused_alignment_loss(h, w, None, t, return_z=True, backend="native")
+        got = torch.autograd.grad(loss + reader(z), (h, w))
+        loss_r, z_r = alignment_loss_reference(h, w, None, t)
+        want = torch.autograd.grad(loss_r + reader(z_r), (h, w))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(kb.native_module() is None, reason="native extension not built")
 def test_native_mm_rows():
     m = kb.native_module()
     g = torch.Generator().manual_seed(0)
