@@ -1,10 +1,9 @@
 // Native CPU twins of amd_fast's kernels (kernels/alignment_loss.py, kernels/gather.py).
 //
-// - alignment_rows: per token row, the normalizations, the distance and its gradient, in one pass over the
-//   row (the chunked PyTorch twin makes ~8 passes over [R, Dt] temporaries); rows in parallel (ATen's OpenMP
-//   pool), inner loops vectorized by the compiler (`omp simd`).
-// - alignment_loss_pass: the loss-only op's chunk loop, with ATen's GEMM (addmm / mm_out) for the projection
-//   and both gradient GEMMs, and ATen's layer_norm kernels for the optional student LayerNorm.
+// - rows_impl: per token row, the normalizations, the distance and its gradient, in one pass over the row (the
+//   chunked PyTorch twin makes ~8 passes over [R, Dt] temporaries); inner loops vectorized by the compiler.
+// - alignment_loss_pass: the loss-only op's chunk loop; alignment_loss_z_fwd / _bwd: the with-z op. Their GEMMs
+//   are ATen's (MKL), split between threads (on_threads, mm_rows); ATen's layer_norm kernels for the student LN.
 // - gather_rows / scatter_add_rows: token gather (with the position-embedding add fused) and its backward.
 //
 // Shape legend: B batch, V gathered tokens per sample, N tokens per sample, D width, Ds / Dt student /
@@ -154,33 +153,33 @@ double row_loss_grad(const T* z, const T* t, T* g, const T* acc, int64_t D, T sc
 
 // Rows [row0, row0 + R) of the flattened [B*V, D] problem: z, g [R, D] (contiguous rows), t [B, V, D] (or
 // [B*V, D]) with contiguous rows and any row / sample strides (t may be a t[:, :V] view, never copied).
-// The gradient is g = scale * dloss/dz, or base + that (base: [R, D] with contiguous rows, may be g itself, which
-// is what accumulate means). With row_loss_out, each row's loss is also written there (the caller sums them in
+// The gradient is g = scale * dloss/dz, or base + that (base: [R, D] rows with unit stride; any row stride).
+// With row_loss_out, each row's loss is also written there (the caller sums them in
 // row order).
 double rows_impl(const at::Tensor& z_in, const at::Tensor& t_in, int64_t row0, const c10::optional<at::Tensor>& g_opt,
-                 double scale, bool accumulate, bool pred_l2, int64_t target_norm, int64_t dist,
-                 double target_eps, double* row_loss_out = nullptr, const at::Tensor& base_in = at::Tensor()) {
+                 double scale, bool pred_l2, int64_t target_norm, int64_t dist, double target_eps,
+                 double* row_loss_out = nullptr, const at::Tensor& base_in = at::Tensor()) {
   at::Tensor z = z_in.dim() == 3 ? z_in.reshape({-1, z_in.size(2)}) : z_in;
   at::Tensor t = t_in.dim() == 2 ? t_in.unsqueeze(0) : t_in;
-  TORCH_CHECK(z.dim() == 2 && t.dim() == 3 && t.size(2) == z.size(1), "alignment_rows: z [R, D], target [B, V, D]");
-  TORCH_CHECK(row0 + z.size(0) <= t.size(0) * t.size(1), "alignment_rows: rows out of the target's range");
-  TORCH_CHECK(z.stride(1) == 1, "alignment_rows: rows of z must be contiguous");
+  TORCH_CHECK(z.dim() == 2 && t.dim() == 3 && t.size(2) == z.size(1), "rows_impl: z [R, D], target [B, V, D]");
+  TORCH_CHECK(row0 + z.size(0) <= t.size(0) * t.size(1), "rows_impl: rows out of the target's range");
+  TORCH_CHECK(z.stride(1) == 1, "rows_impl: rows of z must be contiguous");
   if (t.scalar_type() != z.scalar_type() || t.stride(2) != 1) t = t.to(z.scalar_type()).contiguous();
   at::Tensor g;
   if (g_opt.has_value() && g_opt->defined()) {
     g = g_opt->dim() == 3 ? g_opt->view({-1, g_opt->size(2)}) : *g_opt;
     TORCH_CHECK(g.sizes() == z.sizes() && g.stride(1) == 1 && g.scalar_type() == z.scalar_type(),
-                "alignment_rows: grad must match z");
+                "rows_impl: grad must match z");
   }
-  at::Tensor base = accumulate ? g : at::Tensor();
+  at::Tensor base;
   if (base_in.defined()) {
     base = base_in.dim() == 3 ? base_in.reshape({-1, base_in.size(2)}) : base_in;
     if (base.scalar_type() != z.scalar_type() || base.stride(1) != 1) base = base.to(z.scalar_type()).contiguous();
-    TORCH_CHECK(g.defined() && base.sizes() == z.sizes(), "alignment_rows: base must match z");
+    TORCH_CHECK(g.defined() && base.sizes() == z.sizes(), "rows_impl: base must match z");
   }
   const int64_t R = z.size(0), D = z.size(1), V = t.size(1);
   std::vector<double> row_loss(R, 0.0);
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "alignment_rows", [&] {
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rows_impl", [&] {
     const scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* tp = t.data_ptr<scalar_t>();
     scalar_t* gp = g.defined() ? g.data_ptr<scalar_t>() : nullptr;
@@ -200,12 +199,6 @@ double rows_impl(const at::Tensor& z_in, const at::Tensor& t_in, int64_t row0, c
   for (double x : row_loss) total += x;  // fixed order: the result does not depend on the thread count
   if (row_loss_out != nullptr) std::copy(row_loss.begin(), row_loss.end(), row_loss_out);
   return total;
-}
-
-at::Tensor alignment_rows(const at::Tensor& z, const at::Tensor& t, const c10::optional<at::Tensor>& g, double scale,
-                          bool accumulate, bool pred_l2, int64_t target_norm, int64_t dist, double target_eps) {
-  double s = rows_impl(z, t, 0, g, scale, accumulate, pred_l2, target_norm, dist, target_eps);
-  return at::scalar_tensor(s, z.options().dtype(at::kDouble));
 }
 
 // MKL's per-thread thread count (torch's CPU wheels link MKL; it is looked up at run time, so that a torch built
@@ -395,8 +388,8 @@ std::vector<at::Tensor> alignment_loss_pass(const at::Tensor& h, const c10::opti
           at::mm_out(zc, hn, wt);
         }
         // the gradient w.r.t. z is written over z: the chunk's only [R, Dt] buffer
-        rows_impl(zc, t3, s + r0, compute_grad ? c10::optional<at::Tensor>(zc) : c10::nullopt, inv_numel, false,
-                  pred_l2, target_norm, dist, target_eps, row_loss.data() + s + r0);
+        rows_impl(zc, t3, s + r0, compute_grad ? c10::optional<at::Tensor>(zc) : c10::nullopt, inv_numel, pred_l2,
+                  target_norm, dist, target_eps, row_loss.data() + s + r0);
         if (compute_grad) {
           at::Tensor dhc = dh2.narrow(0, s + r0, r1 - r0);
           if (ln) {
@@ -453,7 +446,7 @@ std::vector<at::Tensor> alignment_loss_z_fwd(const at::Tensor& h, const c10::opt
   const bool ln = ln_w.has_value() && ln_w->defined();
   at::Tensor hn = ln ? at::layer_norm(h, {Ds}, *ln_w, *ln_b, ln_eps) : h;
   at::Tensor z = mm_rows(hn.reshape({B * V, Ds}), w.t(), b, threads).view({B, V, Dt});
-  const double loss = rows_impl(z, t, 0, c10::nullopt, 0.0, false, pred_l2, target_norm, dist, target_eps);
+  const double loss = rows_impl(z, t, 0, c10::nullopt, 0.0, pred_l2, target_norm, dist, target_eps);
   const auto out_dtype = at::promote_types(z.scalar_type(), t.scalar_type());
   return {at::scalar_tensor(loss / std::max<int64_t>(1, B * V * Dt), h.options().dtype(out_dtype)), z};
 }
@@ -472,7 +465,7 @@ std::vector<at::Tensor> alignment_loss_z_bwd(double grad_loss, const c10::option
   const bool ln = ln_w.has_value() && ln_w->defined();
   at::Tensor g = at::empty({N, Dt}, z.options());
   const at::Tensor base = grad_z.has_value() && grad_z->defined() ? *grad_z : at::Tensor();
-  rows_impl(z, t, 0, g, grad_loss / std::max<int64_t>(1, N * Dt), false, pred_l2, target_norm, dist, target_eps,
+  rows_impl(z, t, 0, g, grad_loss / std::max<int64_t>(1, N * Dt), pred_l2, target_norm, dist, target_eps,
             nullptr, base);
   const at::Tensor h2 = h.reshape({N, Ds});
   at::Tensor dh, dw, dlnw, dlnb, hn = h2;
@@ -598,7 +591,6 @@ at::Tensor scatter_add_rows(const at::Tensor& g_in, const at::Tensor& ids_in, in
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "amd_fast native CPU kernels (alignment loss, token gather)";
-  m.def("alignment_rows", &alignment_rows, "row part of the alignment loss -> summed loss (float64 scalar)");
   m.def("alignment_loss_pass", &alignment_loss_pass, "chunked loss-only alignment loss (+ grads)");
   m.def("gather_rows", &gather_rows, "src[b * rps + ids[b, j]] (+ pos[ids[b, j]]) (+ base[b, j])");
   m.def("alignment_loss_z_fwd", &alignment_loss_z_fwd, "with-z alignment loss -> (loss, z)");

@@ -217,13 +217,6 @@ def _rows_triton(z_RD, t_RD, grad_RD, scale, accumulate, pred_l2, target_norm, d
     return loss_R.sum()
 
 
-def _rows_native(z_RD, t_RD, grad_RD, scale, accumulate, pred_l2, target_norm, dist, target_eps):
-    s = float(scale) if not torch.is_tensor(scale) else scale.item()  # CPU only: no device sync
-    return _backend.native_module().alignment_rows(
-        z_RD, t_RD, grad_RD, s, accumulate, pred_l2, target_norm, dist, target_eps
-    )
-
-
 @functools.cache
 def _rows_compiled_fn():
     return torch.compile(_rows_torch, dynamic=True)
@@ -234,7 +227,8 @@ def _rows_compiled(*args):
     return _rows_compiled_fn()(*args)
 
 
-ROWS = {"chunked": _rows_torch, "compiled": _rows_compiled, "triton": _rows_triton, "native": _rows_native}
+# the row part of the Python launchers; the native backend runs whole ops in C++ (alignment_loss_pass, the z ops)
+ROWS = {"chunked": _rows_torch, "compiled": _rows_compiled, "triton": _rows_triton}
 
 
 # ---------------------------------------------------------------------------------------------
