@@ -10,8 +10,10 @@ than N: the last block of a decoder only needs some query rows). Backends, faste
 - `math`: the explicit `softmax(q k^T / sqrt(d)) v` of the VideoMAE / AMD reference code; the
   reference the others are tested against.
 
-`select_backend` picks one for a device and dtype (or the one a config forces), logs the choice,
-and fails with a clear message when a forced backend cannot run.
+`select_backend` picks one for a device and dtype (or the one a config forces), logs the choice once
+with its reason, and fails with a clear message when a forced backend cannot run. Models hold
+`get_attention(requested)`, which resolves on the device and dtype of the tensors it is first given
+(a bf16 teacher and an fp32 evaluation of the same code get the backend each can run), then reuses it.
 """
 
 from __future__ import annotations
@@ -76,25 +78,61 @@ def backend_available(name: str, device: torch.device, dtype: torch.dtype) -> tu
     return True, ""
 
 
-def select_backend(requested: str = "auto", device: torch.device | str = "cpu", dtype=torch.float32) -> str:
-    """Resolve `auto` to the fastest backend available here; check a forced one. Logged once per call."""
-    device = torch.device(device)
+def check_backend(requested: str) -> str:
+    """A backend name as a config gives it (`auto` or one of BACKENDS); an unknown one fails, naming it."""
     if requested not in ("auto", *BACKENDS):
         raise ValueError(f"attention backend {requested!r} is unknown; allowed: auto, {', '.join(BACKENDS)}")
+    return requested
+
+
+_logged: set[tuple[str, str, str, torch.dtype]] = set()
+
+
+def select_backend(requested: str = "auto", device: torch.device | str = "cpu", dtype=torch.float32) -> str:
+    """Resolve `auto` to the fastest backend that runs on this device and dtype; check a forced one.
+    The choice and its reason are logged once per (request, device type, dtype)."""
+    device = torch.device(device)
+    check_backend(requested)
     if requested != "auto":
         ok, why = backend_available(requested, device, dtype)
         if not ok:
             raise RuntimeError(f"attention backend '{requested}' was forced but cannot run: {why}")
-        log.info("attention backend: %s (forced)", requested)
-        return requested
-    for name in BACKENDS:
-        ok, why = backend_available(name, device, dtype)
-        if ok:
-            log.info("attention backend: %s (auto, device=%s, dtype=%s)", name, device.type, dtype)
-            return name
-        log.debug("attention backend %s skipped: %s", name, why)
-    raise AssertionError("unreachable: sdpa is always available")
+        name, reason = requested, "forced"
+    else:
+        skipped = []
+        for name in BACKENDS:
+            ok, why = backend_available(name, device, dtype)
+            if ok:
+                break
+            skipped.append(why)
+        reason = "auto, the fastest that runs here" + (f" ({'; '.join(skipped)})" if skipped else "")
+    key = (requested, name, device.type, dtype)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("attention backend on %s %s: %s (%s)", device.type, str(dtype).removeprefix("torch."), name, reason)
+    return name
 
 
-def get_attention(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    return _IMPLS[name]
+class _Dispatch:
+    """attention(q, k, v) on the backend resolved for the device and dtype of q (resolved once per pair)."""
+
+    def __init__(self, requested: str):
+        self.requested = check_backend(requested)
+        self._impl: dict[tuple[str, torch.dtype], Callable] = {}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        key = (q.device.type, q.dtype)
+        impl = self._impl.get(key)
+        if impl is None:
+            impl = self._impl[key] = _IMPLS[select_backend(self.requested, q.device, q.dtype)]
+        return impl(q, k, v)
+
+
+_DISPATCH: dict[str, _Dispatch] = {}
+
+
+def get_attention(requested: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The attention function for a config's backend (`auto` or forced), shared by every block that asks."""
+    if requested not in _DISPATCH:
+        _DISPATCH[requested] = _Dispatch(requested)
+    return _DISPATCH[requested]

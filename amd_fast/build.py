@@ -8,8 +8,9 @@ import warnings
 
 import torch
 
+from amd_fast.attention import select_backend
 from amd_fast.config import Config, DecoderConfig, MaskConfig, ModelConfig, ObjectiveConfig
-from amd_fast.device import fast_dtype
+from amd_fast.device import fast_dtype_and_reason, log_choice
 from amd_fast.masks import MaskGenerator
 from amd_fast.models.checkpoint_io import load_encoder, load_pretrain
 from amd_fast.models.pretrain import PretrainModel
@@ -59,6 +60,7 @@ def build_teacher(teacher_cfg, teacher_layers: list[int], device: torch.device, 
     encoder = build_encoder(teacher_cfg.model, img_size=img_size, num_frames=num_frames)
     load_encoder(encoder, teacher_cfg.checkpoint)
     teacher = make_frozen_teacher(encoder.to(device), teacher_layers, teacher_cfg.dtype, device, partition)
+    select_backend(teacher_cfg.model.attn_backend, device, teacher.dtype)  # checked (and logged) for its dtype
     log.info("teacher: %s, runs in %s up to block %d%s", teacher_cfg.checkpoint, teacher_cfg.dtype,
              max(teacher_layers), ", ZeRO-3 partitioned" if partition else "")  # fmt: skip
     return teacher
@@ -79,8 +81,14 @@ def make_frozen_teacher(encoder, layers: list[int], setting: str, device: torch.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated.*")
             encoder = quantize_dynamic(encoder.eval(), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        log_choice(f"teacher on {device.type}", "int8", "teacher.dtype=int8: dynamic int8 linears (changes the math)")
         return FrozenTeacher(encoder, layers, torch.float32)
-    dtype = fast_dtype(device) if setting == "auto" else getattr(torch, setting)
+    if setting == "auto":
+        dtype, why = fast_dtype_and_reason(device)
+        why = f"auto: {why}"
+    else:
+        dtype, why = getattr(torch, setting), f"teacher.dtype={setting}"
+    log_choice(f"teacher on {device.type}", dtype, why)
     return FrozenTeacher(encoder, layers, dtype, partition)
 
 

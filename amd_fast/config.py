@@ -247,12 +247,22 @@ class Config:
 # Loading and checking
 
 
+# YAML 1.1 (PyYAML) reads these words as booleans. Typed bare on the command line they are kept as the words
+# (`_parse_override`); in a preset file they arrive as booleans and are read back as the word a choice allows.
+_BOOL_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
+
+
 def _check_value(path: str, tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and value not in allowed:
+            value = next((w for w in _BOOL_WORDS[value] if w in allowed), value)
         if value not in allowed:
-            raise ConfigError(f"{path}={value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+            hint = ""
+            if isinstance(value, bool):  # a YAML boolean where a word was wanted
+                hint = f" (YAML read {'/'.join(_BOOL_WORDS[value])} as the boolean {value}; quote the word you meant)"
+            raise ConfigError(f"{path}={value!r} is not allowed{hint}; allowed values: {', '.join(map(repr, allowed))}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -266,8 +276,10 @@ def _check_value(path: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{path} must be a mapping of {tp.__name__} fields, got {value!r}")
         return _from_dict(tp, value, path)
     if tp is bool:
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS[True] + _BOOL_WORDS[False]:
+            return value.lower() in _BOOL_WORDS[True]
         if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false, got {value!r}")
+            raise ConfigError(f"{path} must be true or false (or on/off, yes/no), got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -317,6 +329,20 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _parse_override(raw: str) -> Any:
+    """A command-line value as YAML (`4` int, `[1,2]` list, `2e-4` number), except that the words YAML 1.1
+    reads as booleans stay words unless they are `true` / `false`: `train.autocast=off` means 'off'."""
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read the value {raw!r}: {e}") from None
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        return raw.strip()
+    return value
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, root: type = Config):
     """Preset YAML (optional) + `a.b=value` overrides -> a checked `root` (`Config` or `FinetuneRunConfig`)."""
     tree: dict = {}
@@ -329,7 +355,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.field=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(tree, key, _parse_override(raw))
     cfg = _from_dict(root, tree)
     {Config: validate, FinetuneRunConfig: validate_finetune, ProbeRunConfig: validate_probe}[root](cfg)
     return cfg

@@ -66,9 +66,12 @@ def uses_deepspeed(dist_cfg: DistConfig, world_size: int) -> bool:
 class LocalEngine:
     kind = "local"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, accum_steps: int, clip_grad: float):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, accum_steps: int, clip_grad: float,
+                 grad_scaler: torch.amp.GradScaler | None = None):  # fmt: skip
+        """grad_scaler: fp16 autocast's dynamic loss scaling (PyTorch AMP; apex's amp in the references)."""
         self.model, self.optimizer = model, optimizer
         self.accum_steps, self.clip_grad = accum_steps, clip_grad
+        self.scaler = grad_scaler
         self.rank, self.world_size = 0, 1
 
     def set_lr(self, lr: float) -> None:
@@ -79,21 +82,45 @@ class LocalEngine:
         return objective(batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accum_steps).backward()
+        loss = loss / self.accum_steps
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def step(self, total_loss: torch.Tensor) -> bool:
-        """Clip, then step unless the loss or the gradient norm is not finite. Returns whether it stepped."""
+        """Clip, then step unless the loss or the gradient norm is not finite. Returns whether it stepped.
+
+        With fp16 loss scaling, gradients that overflowed at the current scale are not a failure of the run: the
+        scaler skips that step and halves the scale (logged), as PyTorch AMP does; only a non-finite loss (or a
+        non-finite clipped norm) counts as a non-finite step."""
         check = total_loss
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.clip_grad > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad, foreach=True)
-            check = check + norm
+            if self.scaler is None:
+                check = check + norm
         # Host sync, once per optimizer step: the step must be skipped when the loss or the gradients are
         # not finite. (Free on CPU; one sync per step on CUDA, as the references' loss.item().)
         finite = bool(torch.isfinite(check))
-        if finite:
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            if finite:
+                self.scaler.step(self.optimizer)  # skipped by the scaler when the gradients overflowed
+            self.scaler.update()
+            if self.scaler.get_scale() < scale:
+                log.info("fp16 loss scale: gradients overflowed at %g, step skipped, scale now %g", scale,
+                         self.scaler.get_scale())  # fmt: skip
+        elif finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return finite
+
+    def state_dict(self) -> dict:
+        """What the engine adds to a checkpoint: the fp16 loss scaler's state (a resume continues its scale)."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def reduce_metrics(self, sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
         # .item() here only: one host sync per log interval
@@ -169,12 +196,17 @@ def _skip_cpu_shm_build() -> None:
 
 
 def make_engine(dist_cfg: DistConfig, model: nn.Module, optimizer, device: torch.device, world_size: int, *,
-                micro_batch: int, accum_steps: int, clip_grad: float):  # fmt: skip
-    """DeepSpeed when the launch or `dist.engine` asks for it, else one plain process; same interface."""
+                micro_batch: int, accum_steps: int, clip_grad: float, autocast: torch.dtype | None = None):  # fmt: skip
+    """DeepSpeed when the launch or `dist.engine` asks for it, else one plain process; same interface.
+    autocast: the dtype training runs its forward in (fp16 needs loss scaling)."""
     if uses_deepspeed(dist_cfg, world_size):
+        if autocast == torch.float16:
+            raise ConfigError("train.autocast=float16 needs loss scaling, which a DeepSpeed run takes from its JSON: "
+                              "use train.autocast=bfloat16, or train.autocast=off with an fp16 DeepSpeed config")
         return DeepSpeedEngine(dist_cfg, model, optimizer, device, micro_batch=micro_batch, accum_steps=accum_steps,
                                clip_grad=clip_grad)  # fmt: skip
-    return LocalEngine(model, optimizer, accum_steps=accum_steps, clip_grad=clip_grad)
+    scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
+    return LocalEngine(model, optimizer, accum_steps=accum_steps, clip_grad=clip_grad, grad_scaler=scaler)
 
 
 def partition_teacher(module: nn.Module, dtype: torch.dtype, backend: str = "auto") -> nn.Module:

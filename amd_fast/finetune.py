@@ -30,9 +30,10 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amd_fast import checkpoint as ckpt  # noqa: E402
+from amd_fast.attention import select_backend  # noqa: E402
 from amd_fast.config import ConfigError, FinetuneRunConfig, load_config, to_dict  # noqa: E402
 from amd_fast.data import DATASETS, EpochSampler, FileClips, SkipLog, build_dataset, collate_clips, file_worker_init  # noqa: E402  # noqa: E402
-from amd_fast.device import autocast_dtype, default_device  # noqa: E402
+from amd_fast.device import autocast_dtype, default_device, use_fused_adamw  # noqa: E402
 from amd_fast.engine import dist_env, find_resume, is_ds_checkpoint, make_engine, weights_source  # noqa: E402
 from amd_fast.models.classifier import VideoClassifier, layer_decay_groups, load_classifier  # noqa: E402
 from amd_fast.models.vit import build_encoder  # noqa: E402
@@ -150,13 +151,14 @@ class Finetuner:
         self.global_batch = d.batch_size * o.accum_steps * world_size
         self.lr, self.min_lr, self.warmup_lr = scaled_lrs(o, self.global_batch)
         groups = layer_decay_groups(self.model, o.weight_decay, f.layer_decay)
-        fused = o.fused and self.device.type in ("cpu", "cuda")
+        self.autocast = autocast_dtype(t.autocast, self.device)
+        select_backend(cfg.model.attn_backend, self.device, self.autocast or torch.float32)  # a forced one fails here
+        fused = use_fused_adamw(o.fused, self.device)
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
         self.engine = make_engine(
             cfg.dist, self.model, self.optimizer, self.device, world_size,
-            micro_batch=d.batch_size, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
+            micro_batch=d.batch_size, accum_steps=o.accum_steps, clip_grad=o.clip_grad, autocast=self.autocast,
         )  # fmt: skip
-        self.autocast = autocast_dtype(t.autocast, self.device)
         self.step = 0
         self.skips = SkipLog(self.train_set.describe) if isinstance(self.train_set, FileClips) else None
         log.info(
@@ -312,7 +314,8 @@ class Finetuner:
             return self.engine.save(self.out_dir, self.step, state, self.cfg.train.keep_checkpoints)
         if self.rank != 0:
             return None
-        state.update(model=self.model.export_state_dict(), optimizer=self.optimizer.state_dict(), rng=ckpt.rng_state())
+        state.update(model=self.model.export_state_dict(), optimizer=self.optimizer.state_dict(), rng=ckpt.rng_state(),
+                     engine=self.engine.state_dict())  # fmt: skip
         path = ckpt.save_atomic(state, self.out_dir / f"checkpoint-{self.step}.pt")
         ckpt.prune(self.out_dir, self.cfg.train.keep_checkpoints)
         log.info("saved %s", path)
@@ -332,6 +335,7 @@ class Finetuner:
             own = self.model.state_dict()
             self.model.load_state_dict({(k if k in own else "encoder." + k): v for k, v in state["model"].items()})
             self.optimizer.load_state_dict(state["optimizer"])
+            self.engine.load_state_dict(state.get("engine", {}))
             ckpt.set_rng_state(state["rng"])
             self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)

@@ -108,9 +108,13 @@ class FrozenTeacher:
             self.forward = partition(self.forward, dtype)
 
     def features(self, patches_BNK: torch.Tensor, ids_BV: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Raw block outputs at the aligned layers, at least fp32, [B, V, D_t] (CLS row dropped)."""
+        """Raw block outputs at the aligned layers, at least fp32, [B, V, D_t] (CLS row dropped).
+
+        The teacher runs in its own dtype (teacher.dtype), with the student's autocast off: an fp32 teacher stays
+        fp32 under a bf16 student, and an int8 one gets the fp32 activations its quantized linears take."""
         # ZeRO-3's all-gathers write into parameter storage, which inference mode forbids: no_grad there
-        with torch.no_grad() if self.sharded else torch.inference_mode():
+        dev = patches_BNK.device.type
+        with torch.no_grad() if self.sharded else torch.inference_mode(), torch.autocast(dev, enabled=False):
             outs = self.forward(patches_BNK, ids_BV)
         feats = dict(zip(self.layers, outs))
         p = self.encoder.num_prefix

@@ -42,3 +42,12 @@ def gather_rows(table_ND: torch.Tensor, ids_BV: torch.Tensor, base_BVD: torch.Te
     """`out[b, j] = (base[b, j] +) table[ids[b, j]]` for a table shared by the batch (position embeddings)
     -> [B, V, D]. With base, the add is fused into the gather (`x + E[ids]` in one pass)."""
     return _kernels.gather_rows(table_ND, ids_BV, base_BVD)
+
+
+def autocast_inputs(device_type: str, *tensors):
+    """Operands of a custom Function cast as autocast would cast a GEMM's -> (dtype or None, tensors)."""
+    return _kernels.backend.autocast_inputs(device_type, *tensors)
+
+
+def no_autocast(device_type: str):
+    return _kernels.backend.no_autocast(device_type)

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
+from amd_fast.device import use_fused_adamw
 from amd_fast.models.pretrain import no_weight_decay_names
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW. `fused=True` is PyTorch's fused kernel (CPU and CUDA): ~6x faster than the default
-    for-each implementation on this project's CPU; it replaces apex's FusedAdam the references use."""
+    """AdamW over the reference parameter groups; fused where the device has the kernel (`use_fused_adamw`)."""
     groups = param_groups(model, cfg.weight_decay)
-    fused = cfg.fused and device.type in ("cpu", "cuda")
+    fused = use_fused_adamw(cfg.fused, device)
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
     log.info(
         "optimizer: AdamW(fused=%s) lr=%.3g, %d decayed / %d non-decayed tensors",

@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.config import ConfigError, ProbeRunConfig, load_config, to_dict  # noqa: E402
 from amd_fast.data import DATASETS, FileClips, build_dataset, collate_clips  # noqa: E402
+from amd_fast.device import autocast_dtype  # noqa: E402
 from amd_fast.engine import weights_source  # noqa: E402
 from amd_fast.models.checkpoint_io import load_encoder, read_state_dict  # noqa: E402
 from amd_fast.models.vit import VisionTransformer, build_encoder  # noqa: E402
@@ -68,14 +69,16 @@ def encoder_features(encoder: VisionTransformer | None, video_BCTHW: torch.Tenso
 
 
 @torch.inference_mode()
-def extract(encoder: VisionTransformer | None, dataset, batch_size: int, num_workers: int = 0):
-    """All items of `dataset` -> (features float32 [N, D], labels int64 [N])."""
+def extract(encoder: VisionTransformer | None, dataset, batch_size: int, num_workers: int = 0,
+            autocast: torch.dtype | None = None):  # fmt: skip
+    """All items of `dataset` -> (features float32 [N, D], labels int64 [N]); the encoder under autocast if given."""
     files = isinstance(dataset, FileClips)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_clips if files else None)  # fmt: skip
     feats, labels = [], []
     for batch in loader:
-        feats.append(encoder_features(encoder, batch["video"]).float())
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            feats.append(encoder_features(encoder, batch["video"]).float())
         labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels)
 
@@ -116,7 +119,7 @@ def _fingerprint(cfg: ProbeRunConfig) -> str:
         st = os.stat(p.init)
         src = f"{os.path.abspath(p.init)}:{st.st_size}:{st.st_mtime_ns}"
     key = json.dumps([src, to_dict(cfg)["model"], to_dict(cfg)["data"], p.train_size, p.test_size, p.test_seed,
-                      p.test_list, p.test_root, cfg.train.seed], sort_keys=True)  # fmt: skip
+                      p.test_list, p.test_root, cfg.train.seed, cfg.train.autocast], sort_keys=True)  # fmt: skip
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
@@ -147,9 +150,10 @@ def features(cfg: ProbeRunConfig) -> tuple[tuple, tuple, int]:
         test_set = build_dataset(d.dataset, root=p.test_root or d.root, split="test", seed=p.test_seed, train=False,
                                  size=p.test_size, list_file=p.test_list or d.list_file, **common)  # fmt: skip
         encoder = build_probe_encoder(cfg)
+        ac = autocast_dtype(cfg.train.autocast, torch.device("cpu"))  # probing runs on the CPU
         t0 = time.perf_counter()
-        tr = extract(encoder, train_set, p.batch_size, d.num_workers)
-        te = extract(encoder, test_set, p.batch_size, d.num_workers)
+        tr = extract(encoder, train_set, p.batch_size, d.num_workers, ac)
+        te = extract(encoder, test_set, p.batch_size, d.num_workers, ac)
         n = tr[0].shape[0] + te[0].shape[0]
         log.info("extracted %d x %d features in %.1f s (%.0f items/s)", n, tr[0].shape[1],
                  time.perf_counter() - t0, n / (time.perf_counter() - t0))  # fmt: skip

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from amd_fast import checkpoint as ckpt
+from amd_fast.attention import select_backend
 from amd_fast.build import build_mask_generator, build_objective, build_student, build_teacher
 from amd_fast.config import Config, from_dict, to_dict
 from amd_fast.data import (
@@ -80,6 +81,11 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         img_size, num_frames = d.input_size, d.num_frames
+        # the precision the student runs in, decided (and logged) before anything is built for it
+        self.autocast = autocast_dtype(t.autocast, self.device)
+        # attention resolves per device and dtype when it first runs; a forced backend that cannot run on this
+        # device in this precision fails here, before the data and the teacher are loaded
+        select_backend(cfg.model.attn_backend, self.device, self.autocast or torch.float32)
         self.model = build_student(
             cfg.model, cfg.decoder, cfg.objective, cfg.teacher.model, img_size=img_size, num_frames=num_frames
         ).to(self.device)
@@ -110,9 +116,8 @@ class Trainer:
         # only the student goes into the engine; the teacher stays outside (replicated, or ZeRO-3 on its own)
         self.engine = make_engine(
             cfg.dist, self.model, self.optimizer, self.device, world_size,
-            micro_batch=d.batch_size, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
+            micro_batch=d.batch_size, accum_steps=o.accum_steps, clip_grad=o.clip_grad, autocast=self.autocast,
         )  # fmt: skip
-        self.autocast = autocast_dtype(t.autocast, self.device)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
@@ -331,6 +336,7 @@ class Trainer:
             "step": self.step,
             "nonfinite_total": self.nonfinite_total,
             "rng": ckpt.rng_state(),
+            "engine": self.engine.state_dict(),
             "config": to_dict(self.cfg),
             "meta": {"world_size": self.world_size, "objective": self.cfg.objective.name},
         }
@@ -379,6 +385,7 @@ class Trainer:
             log.warning("resuming %s saved with a different model config", path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_state_dict(state.get("engine", {}))
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         ckpt.set_rng_state(state["rng"])

@@ -585,18 +585,41 @@ def fused_alignment_loss(
         raise ValueError(f"distance {distance!r} is unknown; allowed: {', '.join(DISTANCES)}")
     if target_norm not in TARGET_NORMS or pred_norm not in ("none", "l2"):
         raise ValueError(f"pred_norm {pred_norm!r} / target_norm {target_norm!r}: allowed none/l2, none/layernorm/l2")
-    name = backend or _backend.resolve("alignment_loss", h.device, h.dtype)
-    if name == "reference":
+    if (backend or _backend.selected()) == "reference":  # plain PyTorch: autocast sees every op
         loss, z = alignment_loss_reference(h, weight, bias, target, ln_weight=ln_weight, ln_bias=ln_bias,
                                            ln_eps=ln_eps, pred_norm=pred_norm, target_norm=target_norm,
                                            target_eps=target_eps, distance=distance)  # fmt: skip
         return (loss, z) if return_z else loss
-    if torch.is_autocast_enabled(h.device.type):  # the op is opaque to autocast: cast as F.linear would
-        dt = torch.get_autocast_dtype(h.device.type)
-        h, weight = h.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-        if backend is None:  # resolved again for the dtype the op will see: the native twin is fp32 / fp64 only
-            name = _backend.resolve("alignment_loss", h.device, h.dtype)
+    dev = h.device.type
+    # The op is opaque to autocast: its GEMM operands are cast as F.linear's would be, and the loss comes out in
+    # fp32 as autocast's mse / l1 / smooth-l1 losses do (a low-precision target is read as fp32; the LayerNorm
+    # parameters stay as they are). It then runs with autocast off, forward and backward alike, on the backend
+    # resolved for the dtype it will see.
+    if ln_weight is not None and torch.is_autocast_enabled(dev):
+        # autocast runs the LayerNorm in its input's precision and casts its output for the GEMM: done so here
+        # (the op then projects the normalized rows), rather than rounding h before the normalization
+        h = F.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, ln_eps)
+        ln_weight = ln_bias = None
+    ac, (h, weight, bias) = _backend.autocast_inputs(dev, h, weight, bias)
+    if ac is not None and target.dtype in (torch.float16, torch.bfloat16):
+        target = target.float()
+    name = backend or _backend.resolve("alignment_loss", h.device, h.dtype)
+    with _backend.no_autocast(dev):
+        return _fused(h, weight, bias, target, ln_weight, ln_bias, ln_eps, pred_norm, target_norm, target_eps,
+                      distance, return_z, recompute, chunk_size, name)  # fmt: skip
+
+
+def _fused(h, weight, bias, target, ln_weight, ln_bias, ln_eps, pred_norm, target_norm, target_eps, distance,
+           return_z, recompute, chunk_size, name):  # fmt: skip
+    low = None
+    if name == "native" and h.dtype not in (torch.float32, torch.float64):
+        # The C++ twin is written for fp32 / fp64: bf16 / fp16 operands are cast to fp32 at its boundary and it
+        # computes in fp32 inside (the loss comes back in fp32, z in the operands' dtype, gradients in theirs).
+        low = h.dtype
+        h, weight = h.float(), weight.float()
+        bias = bias.float() if bias is not None else None
+    if name == "native" and target.dtype not in (torch.float32, torch.float64):
+        target = target.float()
     lead = h.shape[:-1]
     h3 = h.reshape(1, -1, h.shape[-1]) if h.dim() != 3 else h
     t3 = target.detach()
@@ -610,7 +633,8 @@ def fused_alignment_loss(
            chunk, name)  # fmt: skip
     if return_z:
         loss, z = AlignmentLossZFunction.apply(h3, weight, bias, t3, ln_weight, ln_bias, cfg)
-        return loss, z.view(*lead, weight.shape[0])
+        z = z.view(*lead, weight.shape[0])
+        return loss, (z if low is None else z.to(low))
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (h, weight, bias, ln_weight, ln_bias)
     )

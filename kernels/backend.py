@@ -66,25 +66,44 @@ def selected() -> str:
 
 def resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend `op` runs on for tensors of this device and dtype (logged once per combination)."""
-    name = _selected
+    name, reason = _selected, "forced"
     if name == "auto":
         if device.type == "cuda":
-            name = "triton" if triton_available() else "chunked"
+            name, reason = ("triton", "auto: CUDA") if triton_available() else ("chunked", "auto: triton not installed")
         elif device.type == "cpu":
-            name = AUTO_CPU[op]
+            name, reason = AUTO_CPU[op], "auto: the fastest CPU twin measured"
+            if name == "native" and not _native_dtype_ok(op, dtype):
+                name, reason = "chunked", f"auto: the native twin computes in fp32; {dtype} runs the chunked twin"
         else:
-            name = "chunked"
-    if name == "native" and (native_module() is None or device.type != "cpu" or not _native_dtype_ok(op, dtype)):
-        name = "chunked"
+            name, reason = "chunked", f"auto: no kernels for {device.type}"
+    if name == "native" and (native_module() is None or device.type != "cpu"):
+        name, reason = "chunked", "the native extension is not built" if device.type == "cpu" else "native is CPU only"
     if name == "triton" and device.type != "cuda" and not triton_interpreting():
-        name = "chunked"
-    key = (op, device.type, name)
+        name, reason = "chunked", "triton needs CUDA (or TRITON_INTERPRET=1)"
+    key = (op, device.type, dtype, name)
     if key not in _logged:
         _logged.add(key)
-        log.info("kernels: %s on %s runs %s (selected: %s)", op, device.type, name, _selected)
+        log.info("kernels: %s on %s %s runs %s (%s)", op, device.type, str(dtype).removeprefix("torch."), name, reason)
     return name
 
 
+def autocast_inputs(device_type: str, *tensors):
+    """The operands of an op that autocast cannot see into (a custom autograd.Function or op), cast as autocast
+    would cast a GEMM's: floating tensors to the autocast dtype when autocast is on for `device_type`, else as
+    they are. The casts are ordinary autograd ops, so gradients flow back to the fp32 parameters in fp32; the
+    caller then runs its Function with autocast off (`no_autocast`), so its forward and its backward (which
+    autograd runs outside autocast) see the same dtypes. -> (dtype or None, tensors)."""
+    if not torch.is_autocast_enabled(device_type):
+        return None, tensors
+    dt = torch.get_autocast_dtype(device_type)
+    return dt, tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def no_autocast(device_type: str):
+    return torch.autocast(device_type, enabled=False)
+
+
 def _native_dtype_ok(op: str, dtype: torch.dtype) -> bool:
-    # the native alignment loss is written for fp32/fp64 (the CPU training dtypes); the gather takes any
+    # the native alignment loss computes in fp32 / fp64 (a forced native casts other dtypes at its boundary,
+    # fused_alignment_loss); the gather takes any dtype
     return op == "gather" or dtype in (torch.float32, torch.float64)

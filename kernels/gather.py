@@ -198,7 +198,9 @@ class GatherFunction(torch.autograd.Function):
     def forward(ctx, src_SD, ids_BV, rps, pos_ND, base_BVD, backend):
         ctx.save_for_backward(ids_BV)
         ctx.rps, ctx.S, ctx.backend = rps, src_SD.shape[0], backend
-        ctx.src_dtype = src_SD.dtype
+        # The output has src's dtype; pos and base may have others (an fp32 position table added to bf16 tokens
+        # under autocast): each gradient is returned in its own input's dtype.
+        ctx.dtypes = tuple(None if x is None else x.dtype for x in (src_SD, pos_ND, base_BVD))
         ctx.pos_shape = None if pos_ND is None else pos_ND.shape
         return _gather_op(src_SD, ids_BV, rps, pos_ND, base_BVD, backend)
 
@@ -206,10 +208,14 @@ class GatherFunction(torch.autograd.Function):
     def backward(ctx, g_BVD):
         (ids,) = ctx.saved_tensors
         need_src, _, _, need_pos, need_base, _ = ctx.needs_input_grad
+        src_dt, pos_dt, base_dt = ctx.dtypes
         g_BVD = g_BVD.contiguous()
-        d_src = _scatter_add_op(g_BVD, ids, ctx.rps, ctx.S, ctx.backend) if need_src else None
-        d_pos = _scatter_add_op(g_BVD, ids, 0, ctx.pos_shape[0], ctx.backend) if need_pos else None
-        return d_src, None, None, d_pos, g_BVD if need_base else None, None
+        d_src = _scatter_add_op(g_BVD, ids, ctx.rps, ctx.S, ctx.backend).to(src_dt) if need_src else None
+        d_pos = None
+        if need_pos:  # scattered in the wider of the two dtypes, so an fp32 table gets fp32 sums
+            g = g_BVD.to(torch.promote_types(g_BVD.dtype, pos_dt))
+            d_pos = _scatter_add_op(g, ids, 0, ctx.pos_shape[0], ctx.backend).to(pos_dt)
+        return d_src, None, None, d_pos, g_BVD.to(base_dt) if need_base else None, None
 
 
 # ---------------------------------------------------------------------------------------------

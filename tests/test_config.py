@@ -53,3 +53,22 @@ def test_cross_field_checks():
         load_config(None, ["mask.student_ratio=0.5", "mask.teacher_ratio=0.75"])
     with pytest.raises(ConfigError, match="student_layers"):
         load_config(None, ["objective.student_layers=[6]"])
+
+
+def test_yaml_boolean_words_are_read_as_the_user_meant(tmp_path):
+    """`off` / `on` / `yes` / `no` are booleans to YAML 1.1: bare on the command line they stay the words a choice
+    field takes; in a preset file they are read back as the allowed word; a bool field takes them too."""
+    cfg = load_config(None, ["train.autocast=off", "train.tensorboard=off", "train.progress=yes", "optim.fused=no"])
+    assert cfg.train.autocast == "off" and cfg.train.tensorboard is False and cfg.train.progress is True
+    assert cfg.optim.fused is False
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  autocast: off\n  tensorboard: off\n")
+    cfg = load_config(preset)
+    assert cfg.train.autocast == "off" and cfg.train.tensorboard is False
+    with pytest.raises(ConfigError, match=r"mask.kind='off' is not allowed; allowed values: 'tube', 'random'"):
+        load_config(None, ["mask.kind=off"])
+    preset.write_text("mask:\n  kind: on\n")
+    with pytest.raises(ConfigError, match=r"mask.kind=True .*YAML read on/yes/true as the boolean True; quote"):
+        load_config(preset)
+    with pytest.raises(ConfigError, match=r"train.autocast='bf16' is not allowed"):
+        load_config(None, ["train.autocast=bf16"])

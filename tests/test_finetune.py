@@ -38,7 +38,7 @@ def ft_config(tmp_path, *overrides):
         "data.dataset=fashion_mnist", "data.input_size=28", "data.num_frames=1", "data.batch_size=32",
         "data.num_workers=0", "data.size=2000", "finetune.eval_size=500", "finetune.eval_batch_size=250",
         "train.steps=60", "train.warmup_steps=6", "train.log_interval=20", "train.save_interval=60",
-        f"train.output_dir={tmp_path}", "optim.base_lr=8e-3",
+        f"train.output_dir={tmp_path}", "optim.base_lr=8e-3", "train.autocast=off",  # forced: never CPU-dependent
     ]  # fmt: skip
     return load_config(None, base + list(overrides), root=FinetuneRunConfig)
 
@@ -155,7 +155,11 @@ def test_finetune_config_errors_name_the_field(tmp_path, capsys):
 # runs
 
 
-def test_finetune_learns_and_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("autocast", ["off", "bfloat16"])
+def test_finetune_learns_and_resumes_bit_identically(tmp_path, autocast):
+    def ft_config(path, *more):  # the module's, in this precision
+        return globals()["ft_config"](path, *more, f"train.autocast={autocast}")
+
     learn = Finetuner(ft_config(tmp_path / "learn", "finetune.mixup=0", "finetune.cutmix=0", "optim.base_lr=2e-2",
                                 "train.steps=200", "train.save_interval=200", "data.batch_size=64"))  # fmt: skip
     res = learn.train()
@@ -184,12 +188,14 @@ def test_finetune_learns_and_resumes_bit_identically(tmp_path):
     assert ev["top1"] == res["top1"]
 
 
-def test_probe_pixels_and_encoder_with_feature_cache(tmp_path, caplog):
+@pytest.mark.parametrize("autocast", ["off", "bfloat16"])
+def test_probe_pixels_and_encoder_with_feature_cache(tmp_path, caplog, autocast):
     def cfg(init, *extra):
         return load_config(None, [*(f"model.{k}={v}" for k, v in TINY_IMG.items()), "data.dataset=fashion_mnist",
                                   "data.input_size=28", "data.num_frames=1", "data.num_workers=0", f"probe.init={init}",
                                   "probe.train_size=2000", "probe.test_size=1000", "probe.epochs=10",
-                                  f"train.output_dir={tmp_path}", *extra], root=ProbeRunConfig)  # fmt: skip
+                                  f"train.output_dir={tmp_path}", f"train.autocast={autocast}", *extra],
+                           root=ProbeRunConfig)  # fmt: skip
 
     pixels = run_probe(cfg("pixels"))
     assert pixels["top1_mean"] > 70.0 and len(pixels["runs"]) == 3  # logistic regression on 2000 images

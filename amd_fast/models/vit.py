@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from amd_fast.attention import get_attention, select_backend
-from amd_fast.ops import gather_rows, gather_tokens
+from amd_fast.attention import check_backend, get_attention
+from amd_fast.ops import autocast_inputs, gather_rows, gather_tokens, no_autocast
 
 # name -> (embed_dim, depth, num_heads)
 ARCHS = {
@@ -112,6 +112,10 @@ class _MlpRecomputeGelu(torch.autograd.Function):
     Autograd would also keep gelu's output for fc2's weight gradient: one [rows, 4D] tensor per block (~10 MB per
     generator or decoder block in the paper's video step, ~100 MB of the step's peak). Recomputing it costs one
     elementwise pass; the forward is the same ops, so the values are the same.
+
+    Autocast cannot see into a Function, and autograd runs its backward outside autocast: `mlp_recompute_gelu`
+    casts the operands as autocast would cast F.linear's and runs it with autocast off, so both passes see one
+    dtype (bf16 / fp16 GEMMs under autocast, as nn.Linear's; the casts carry the fp32 weight gradients back).
     """
 
     @staticmethod
@@ -134,6 +138,14 @@ class _MlpRecomputeGelu(torch.autograd.Function):
         return g_h @ w1, g_w1, g_b1, g_w2, g_b2
 
 
+def mlp_recompute_gelu(x, w1, b1, w2, b2):
+    """fc2(gelu(fc1(x))) through `_MlpRecomputeGelu`, under autocast too (operands cast at its boundary)."""
+    dev = x.device.type
+    _, args = autocast_inputs(dev, x, w1, b1, w2, b2)
+    with no_autocast(dev):
+        return _MlpRecomputeGelu.apply(*args)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -144,7 +156,7 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.fc1, self.fc2
         if torch.is_grad_enabled() and type(fc1) is nn.Linear and type(fc2) is nn.Linear:
-            return _MlpRecomputeGelu.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+            return mlp_recompute_gelu(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         return fc2(self.act(fc1(x)))  # inference (the teacher, possibly int8-quantized)
 
 
@@ -212,7 +224,8 @@ class VisionTransformer(nn.Module):
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
         self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)  # (t, h, w)
         self.num_patches = self.grid[0] * self.grid[1] * self.grid[2]
-        self.attn_backend = select_backend(attn_backend)
+        # the requested backend; `auto` is resolved per device and dtype when attention first runs on them
+        self.attn_backend = check_backend(attn_backend)
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, tubelet_size)
         # Fixed sine-cosine table, re-made rather than saved (as VideoMAE). A checkpoint that saves a
         # table (MAE) overwrites it at load time, see checkpoint_io.
