@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 
-def machine_info() -> dict:
+def machine_info(device=None) -> dict:
+    """device: a CUDA device's name joins the `machine` field (the columns stay the same)."""
     import torch
 
     cpu = platform.processor() or "unknown"
@@ -35,26 +36,41 @@ def machine_info() -> dict:
         commit = (commit or "unknown") + ("-dirty" if dirty else "")
     except OSError:
         commit = "unknown"
+    machine = f"{platform.node()} | {cpu} | {os.cpu_count()} cpus"
+    if device is not None and torch.device(device).type == "cuda":
+        machine += f" | {torch.cuda.get_device_name(torch.device(device))}"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
-        "machine": f"{platform.node()} | {cpu} | {os.cpu_count()} cpus",
+        "machine": machine,
         "torch": torch.__version__,
     }
 
 
-def gemm_peak_gflops(sizes=((2048, 2048, 2048), (4096, 1024, 4096), (3136, 768, 3072)), reps: int = 5) -> float:
-    """fp32 GEMM peak of this process's threads: the best rate over a few large shapes."""
+def gemm_peak_gflops(
+    sizes=((2048, 2048, 2048), (4096, 1024, 4096), (3136, 768, 3072)), reps: int = 5, device="cpu", dtype=None
+) -> float:
+    """GEMM peak of this process's threads (or of a CUDA device, in `dtype`: fp32 by default): the best rate
+    over a few large shapes. On CUDA an 8192-cube joins them, so the launch latency does not hide the peak."""
     import torch
 
+    device, dtype = torch.device(device), dtype or torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        sizes = (*sizes, (8192, 8192, 8192))
     best = 0.0
     for m, k, n in sizes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
         a @ b  # warm-up
+        sync()
         for _ in range(reps):
             t0 = time.perf_counter()
             a @ b
+            sync()  # a kernel launch returns at once: time until the GEMM has run
             best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
+    if device.type == "cuda":
+        del a, b
+        torch.cuda.empty_cache()  # hand the matrices back: a benchmark child may run on the same GPU next
     return best
 
 

@@ -9,13 +9,15 @@ patch; batch 2 ("paper") and 32 ("16x").
 
 Providers: `eager` (the pure-PyTorch reference: F.linear + F.mse_loss; `torch.gather` with an expanded index),
 `compiled` (torch.compile of that reference, inductor), `chunked` (the chunked PyTorch twin), `chunked_compiled`
-(its row part through torch.compile; for the gather the same as `chunked`), `native` (the C++ twin, when built)
-and `triton` (on a GPU). Speed: all providers of a case are timed round-robin in one
+(its row part through torch.compile; for the gather the same as `chunked`), `native` (the C++ twin, when built;
+CPU only) and `triton` (CUDA only). --device (default: cuda when available) is where the tensors live;
+--providers keeps a subset. Speed: all providers of a case are timed round-robin in one
 process (the machine is shared: side by side, each round in a rotated order), median and spread
-((max - min) / 2) over --reps rounds. Peak memory: each provider in a fresh subprocess, the peak RSS of one
-call above the RSS before it (VmHWM after clearing it, glibc told to mmap and return every block over 64 KiB,
-so freed memory leaves RSS at once); `extra` subtracts the gradients the call leaves behind (the same for
-every provider). One CSV row per case and provider goes to benchmarks/results/kernels.csv.
+((max - min) / 2) over --reps rounds. Peak memory on a CPU: each provider in a fresh subprocess, the peak RSS of
+one call above the RSS before it (VmHWM after clearing it, glibc told to mmap and return every block over 64 KiB,
+so freed memory leaves RSS at once); on CUDA: in this process, the CUDA allocator's peak above its allocation
+before the call. `extra` subtracts the gradients the call leaves behind (the same for every provider). One CSV
+row per case and provider goes to benchmarks/results/kernels.csv (--csv: elsewhere).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import amd_fast.ops  # noqa: E402,F401  (in a checkout that was never pip-installed, it provides amd_fast.kernels)
 from benchmarks.common import append_csv, machine_info, median_spread  # noqa: E402
 
 N_TOK, V_S, DELTA, N_MASKED, D_S, D_T, K = 1568, 160, 232, 1408, 384, 768, 1536
@@ -51,14 +54,14 @@ CASES = [
 ]
 
 
-def build(op: str, params: dict, batch: int, provider: str, seed: int = 0):
-    """-> (fwd(), fwd_bwd(), grads_bytes): closures over fresh inputs for one provider."""
+def build(op: str, params: dict, batch: int, provider: str, device: str, seed: int = 0):
+    """-> (fwd(), fwd_bwd(), grads_bytes): closures over fresh inputs on `device` for one provider."""
     import torch
     from amd_fast.kernels import alignment_loss_reference, fused_alignment_loss
     from amd_fast.kernels.gather import gather_rows, gather_tokens
 
     g = torch.Generator().manual_seed(seed)
-    dev = "cuda" if provider == "triton" else "cpu"
+    dev = device
     if op == "alignment_loss":
         B, V = batch, params["rows"]
         h = torch.randn(B, V, D_S, generator=g).to(dev).requires_grad_()
@@ -128,23 +131,23 @@ def build(op: str, params: dict, batch: int, provider: str, seed: int = 0):
     return fwd, fwd_bwd, grads
 
 
-def providers() -> list[str]:
+def providers(device: str) -> list[str]:
     import torch
     from amd_fast.kernels import backend
 
     out = ["eager", "compiled", "chunked", "chunked_compiled"]
-    if backend.native_module() is not None:
+    if backend.native_module() is not None and torch.device(device).type == "cpu":
         out.append("native")
-    if torch.cuda.is_available() and backend.triton_available():
+    if torch.device(device).type == "cuda" and backend.triton_available():
         out.append("triton")
     return out
 
 
-def time_case(op, params, batch, provs, reps, warmup):
+def time_case(op, params, batch, provs, reps, warmup, device):
     import torch
 
-    fns = {p: build(op, params, batch, p) for p in provs}
-    sync = torch.cuda.synchronize if "triton" in provs else (lambda: None)
+    fns = {p: build(op, params, batch, p, device) for p in provs}
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     res = {}
     for mode in ("fwd", "fwd_bwd"):
         times = {p: [] for p in provs}
@@ -173,26 +176,42 @@ def _rss(field: str) -> int:
     raise RuntimeError(field)
 
 
-def memory_child(op, case, batch, provider):
-    """One provider in this fresh process: peak RSS above the start of one fwd call and one fwd+bwd call."""
+def memory_child(op, case, batch, provider, device="cpu"):
+    """One provider in this fresh process (CPU; on CUDA any process): peak memory above the start of one fwd call
+    and one fwd+bwd call (RSS on a CPU, the CUDA allocator's on a GPU)."""
+    import torch
 
+    cuda = torch.device(device).type == "cuda"
     params = dict(next(c for c in CASES if c[0] == op and c[1] == case)[2])
-    fwd, fwd_bwd, grads = build(op, params, batch, provider)
+    fwd, fwd_bwd, grads = build(op, params, batch, provider, device)
     out = {}
     for mode, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         f()
         f()  # warm: lazy inits, compilation, the allocator's first touches
-        with open("/proc/self/clear_refs", "w") as cr:
-            cr.write("5")  # reset VmHWM to the current RSS
-        before = _rss("VmRSS:")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as cr:
+                cr.write("5")  # reset VmHWM to the current RSS
+            before = _rss("VmRSS:")
         res = f()
         del res
-        out[mode] = max(0, _rss("VmHWM:") - before)
+        if cuda:
+            torch.cuda.synchronize()
+            out[mode] = max(0, torch.cuda.max_memory_allocated() - before)
+        else:
+            out[mode] = max(0, _rss("VmHWM:") - before)
     out["grads"] = grads
     return out
 
 
-def memory_case(op, case, batch, provider, threads):
+def memory_case(op, case, batch, provider, threads, device):
+    import torch
+
+    if torch.device(device).type == "cuda":  # the allocator's own peak: no fresh process needed
+        return memory_child(op, case, batch, provider, device)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "OMP_NUM_THREADS": str(threads)}  # fmt: skip
     cmd = [sys.executable, __file__, "--mem-child", op, case, str(batch), provider]
@@ -208,6 +227,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the per-provider memory subprocesses")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--providers", nargs="+", default=None, help="time only these (eager, the baseline, always runs)")
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "kernels.csv"))
     p.add_argument("--mem-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -219,9 +240,12 @@ def main():
         op, case, batch, provider = args.mem_child
         print(json.dumps(memory_child(op, case, int(batch), provider)))
         return
-    info = machine_info()
-    provs = providers()
-    print(f"providers: {', '.join(provs)}; {args.threads} threads; {args.reps} rounds")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = machine_info(device)
+    provs = providers(device)
+    if args.providers:
+        provs = [pv for pv in provs if pv == "eager" or pv in args.providers]
+    print(f"providers: {', '.join(provs)} on {device}; {args.threads} threads; {args.reps} rounds")
     for bname, batch in BATCHES.items():
         if args.batch not in ("all", bname):
             continue
@@ -229,8 +253,9 @@ def main():
             if args.op not in ("all", op):
                 continue
             reps = args.reps if batch == BATCHES["paper"] else max(5, args.reps // 2)  # 16x: ~16x longer calls
-            res = time_case(op, params, batch, provs, reps, args.warmup)
-            mem = {} if args.no_memory else {pv: memory_case(op, case, batch, pv, args.threads) for pv in provs}
+            res = time_case(op, params, batch, provs, reps, args.warmup, device)
+            mem = {} if args.no_memory else {pv: memory_case(op, case, batch, pv, args.threads, device)
+                                             for pv in provs}  # fmt: skip
             for mode in ("fwd", "fwd_bwd"):
                 e_med = res[("eager", mode)][0]
                 e_mem = mem.get("eager", {}).get(mode)
@@ -242,8 +267,12 @@ def main():
                     e_extra = (max(0, e_mem - mem["eager"]["grads"]) if mode == "fwd_bwd" else e_mem) if m else None
                     line.append(
                         f"  {pv:9s} {med * 1e3:8.3f} ms ±{spread * 1e3:6.3f}  x{e_med / med:5.2f} vs eager"
-                        + (f"  peak {m[mode] / 2**20:7.2f} MiB  extra {extra / 2**20:6.2f} MiB"
-                           f" ({extra / max(1, e_extra):.2f}x eager)" if m else "")  # fmt: skip
+                        + (
+                            f"  peak {m[mode] / 2**20:7.2f} MiB  extra {extra / 2**20:6.2f} MiB"
+                            f" ({extra / max(1, e_extra):.2f}x eager)"
+                            if m
+                            else ""
+                        )  # fmt: skip
                     )
                     append_csv(args.csv, {
                         **info, "op": op, "case": case, "batch": batch, "mode": mode, "provider": pv,

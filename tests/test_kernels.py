@@ -1,7 +1,8 @@
 """Every implementation of amd_fast.kernels against its pure-PyTorch reference, forward and every gradient.
 
 Backends: `chunked` (PyTorch twin), `native` (C++ twin; skipped when the extension is not built), `triton`
-(under TRITON_INTERPRET=1 on CPU tensors; skipped without triton). Tolerances follow flash-attention: a
+(under TRITON_INTERPRET=1 on CPU tensors; natively on a GPU with AMD_FAST_TEST_DEVICE=cuda, as
+scripts/gpu_check.sh runs it; skipped without triton). Tolerances follow flash-attention: a
 result at precision p is judged by its distance to the fp64 reference, against PyTorch's own distance at p
 (`err <= 3 * err_torch + a few ulps`). The Triton kernels here use no `tl.dot` (the GEMMs are torch's), so
 bf16 runs through the interpreter with bf16 operands as such; the interpreter is slow, so its grid is small.
@@ -17,7 +18,11 @@ from amd_fast.kernels import alignment_loss_reference, fused_alignment_loss
 from amd_fast.kernels import backend as kb
 from amd_fast.kernels.gather import gather_reference, gather_rows, gather_tokens
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a Triton kernel is first launched (lazy_jit)
+# AMD_FAST_TEST_DEVICE=cuda: the backend tests' tensors live on the GPU and Triton runs natively, over the full grid
+DEVICE = torch.device(os.environ.get("AMD_FAST_TEST_DEVICE", "cpu"))
+INTERPRETED = DEVICE.type == "cpu"
+if INTERPRETED:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a Triton kernel is first launched (lazy_jit)
 
 BACKENDS = [
     "chunked",
@@ -66,7 +71,7 @@ def _align_inputs(B, V, Ds, Dt, ln, bias, strided):
 
 def _run_align(fn, inputs, dtype, cfg, mode, **kw):
     dist, pn, tn, _, _ = cfg
-    h, w, b, lw, lb, t = [None if x is None else x.detach().to(dtype).requires_grad_(i != 5)
+    h, w, b, lw, lb, t = [None if x is None else x.detach().to(DEVICE, dtype).requires_grad_(i != 5)
                           for i, x in enumerate(inputs)]  # fmt: skip
     args = dict(ln_weight=lw, ln_bias=lb, pred_norm=pn, target_norm=tn, distance=dist)
     if fn is alignment_loss_reference:
@@ -76,7 +81,7 @@ def _run_align(fn, inputs, dtype, cfg, mode, **kw):
         loss, z = out if mode == "z" else (out, None)
     total = loss * 1.7  # a grad_output other than 1
     if mode == "z":  # a downstream reader of z (AMD's generator)
-        r = torch.linspace(-1, 1, z.numel(), dtype=torch.float64).view_as(z).to(z.dtype)
+        r = torch.linspace(-1, 1, z.numel(), dtype=torch.float64).view_as(z).to(z.device, z.dtype)
         total = total + (z * r).sum() * 0.01
     total.backward()
     grads = [x.grad for x in (h, w, b, lw, lb) if x is not None]
@@ -89,7 +94,8 @@ def _run_align(fn, inputs, dtype, cfg, mode, **kw):
 def test_alignment_loss_matches_reference(backend, cfg, mode):
     dtypes = {"chunked": [torch.float64, torch.float32, torch.bfloat16], "native": [torch.float64, torch.float32],
               "triton": [torch.float32, torch.bfloat16], "compiled": [torch.float32]}[backend]  # fmt: skip
-    shapes = SHAPES if backend not in ("triton", "compiled") else SHAPES[:2]  # slow ones: fewer shapes
+    slow = backend == "compiled" or (backend == "triton" and INTERPRETED)
+    shapes = SHAPES[:2] if slow else SHAPES  # slow ones: fewer shapes
     for shape in shapes:
         inputs = _align_inputs(*shape, cfg[3], cfg[4], strided=shape[1] > 1)
         ref64 = _run_align(alignment_loss_reference, inputs, torch.float64, cfg, mode)
@@ -256,14 +262,15 @@ def _ids(B, N, V, dtype, dup, g):
 
 def _run_gather(kind, inputs, dtype, backend):
     x, pos, base, ids = inputs
-    x = x.detach().to(dtype).requires_grad_()
-    pos = None if pos is None else pos.detach().to(dtype).requires_grad_()
-    base = None if base is None else base.detach().to(dtype).requires_grad_()
+    x = x.detach().to(DEVICE, dtype).requires_grad_()
+    pos = None if pos is None else pos.detach().to(DEVICE, dtype).requires_grad_()
+    base = None if base is None else base.detach().to(DEVICE, dtype).requires_grad_()
+    ids = ids.to(DEVICE)
     if kind == "tokens":
         out = gather_tokens(x, ids, pos, backend=backend)
     else:
         out = gather_rows(x[0], ids, base, backend=backend)
-    r = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out).to(dtype)
+    r = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out).to(out.device, dtype)
     (out * r).sum().backward()
     return [out.detach()] + [v.grad for v in (x, pos, base) if v is not None]
 
@@ -273,7 +280,7 @@ def _run_gather(kind, inputs, dtype, backend):
 def test_gather_matches_reference(backend, kind):
     g = torch.Generator().manual_seed(0)
     dtypes = [torch.float32, torch.bfloat16, torch.float16] + [torch.float64] * (backend != "triton")
-    for B, N, V, D in GATHER_SHAPES if backend != "triton" else GATHER_SHAPES[:2]:
+    for B, N, V, D in GATHER_SHAPES[:2] if backend == "triton" and INTERPRETED else GATHER_SHAPES:
         for idx_dtype, dup in ((torch.int64, False), (torch.int32, True)):
             ids = _ids(B, N, V, idx_dtype, dup, g)
             x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
