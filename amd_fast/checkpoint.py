@@ -1,33 +1,47 @@
-"""Training checkpoints: written atomically, found again by `--resume auto`.
+"""Training checkpoints and output folders: written atomically, verified, found again by `--resume auto`.
 
 A checkpoint is one `torch.save` dict: `model` (the PretrainModel state, which is also the VideoMAE /
 AMD pre-training layout, so official loaders read it), `optimizer`, `step`, `rng`, `config`, `meta`.
 It is written to a temporary file in the same directory, flushed and fsync'ed, then renamed over the
 final name: a crash leaves either the previous complete checkpoint or the new one, never half a file.
+Then its record `checkpoint-N.pt.json` is written the same way (size, SHA-256, the run's id): a checkpoint
+without it, or whose bytes no longer match it, is not resumed from (`verify_file`).
+
+An output folder belongs to one run (`run.json`: its id). A run that finds another run's checkpoints or metrics
+there stops at start unless told to resume (`--resume auto`) or to move the old run aside (`--overwrite`);
+keep-N cleanup deletes only checkpoints whose record names this run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
 import re
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from amd_fast.models.checkpoint_io import CheckpointError  # noqa: F401 -- raised here too; names the file
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
-def save_atomic(obj, path: str | Path) -> Path:
-    path = Path(path)
+TMP_MARK = ".tmp-"  # temporary files are `.<name>.tmp-<pid>`: never matched as checkpoints, removed at start
+
+
+def _write_atomic(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -38,6 +52,64 @@ def save_atomic(obj, path: str | Path) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def save_atomic(obj, path: str | Path) -> Path:
+    return _write_atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_json_atomic(obj, path: str | Path) -> Path:
+    return _write_atomic(Path(path), lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def save_checkpoint(state: dict, out_dir: Path, step: int, run_id: str, keep: int) -> Path:
+    """A one-process checkpoint: the file, then its record (written last: the completeness marker), then keep-N."""
+    path = save_atomic(state, Path(out_dir) / f"checkpoint-{step}.pt")
+    write_json_atomic({"step": step, "run_id": run_id, "size": path.stat().st_size, "sha256": _sha256(path)},
+                      record_path(path))  # fmt: skip
+    prune(out_dir, keep, run_id)
+    return path
+
+
+def read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(record_path(Path(path)).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def verify_file(path: Path) -> str | None:
+    """Why a one-process checkpoint cannot be resumed from, or None when its bytes match its record."""
+    rec = read_record(path)
+    if rec is None:
+        return f"no record {record_path(path).name} (written after the checkpoint: the write did not finish)"
+    size = path.stat().st_size
+    if size != rec.get("size"):
+        return f"size {size} bytes, the record says {rec.get('size')} (cut short or overwritten)"
+    if _sha256(path) != rec.get("sha256"):
+        return "its SHA-256 does not match the record (damaged)"
+    return None
+
+
+def load_file(path: str | Path) -> dict:
+    """A training checkpoint file, tensors and plain containers only (weights_only); errors name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch raises several types for a bad file; all mean the same here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {first})") from None
 
 
 def rng_state() -> dict:
@@ -58,7 +130,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (temporary files never match the name), oldest first."""
+    """One-process checkpoint files (temporary files never match the name), oldest first; unverified."""
     d = Path(directory)
     if not d.is_dir():
         return []
@@ -67,10 +139,92 @@ def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
 
 
 def find_resume(directory: str | Path) -> Path | None:
-    ckpts = list_checkpoints(directory)
-    return ckpts[-1][1] if ckpts else None
+    """The newest one-process checkpoint that verifies (see `engine.find_resume` for both kinds)."""
+    for _, p in reversed(list_checkpoints(directory)):
+        if verify_file(p) is None:
+            return p
+    return None
 
 
-def prune(directory: str | Path, keep: int) -> None:
-    for _, p in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+def prune(directory: str | Path, keep: int, run_id: str) -> None:
+    """Keep the newest `keep` checkpoints of run `run_id`; never touch another run's (or an unrecorded) file."""
+    ours = [p for _, p in list_checkpoints(directory) if (read_record(p) or {}).get("run_id") == run_id]
+    for p in ours[:-keep] if keep > 0 else []:
         p.unlink(missing_ok=True)
+        record_path(p).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# output folders
+
+RUN_FILE = "run.json"
+
+
+def _run_artifacts(out_dir: Path) -> list[str]:
+    """What marks a folder as used by a run: checkpoints (either kind), metrics, evaluation results."""
+    if not out_dir.is_dir():
+        return []
+    names = []
+    for p in sorted(out_dir.iterdir()):
+        if _NAME.match(p.name) or re.match(r"^checkpoint-\d+$", p.name) or p.name in ("metrics.jsonl", "eval.json"):
+            names.append(p.name)
+    return names
+
+
+def prepare_output_dir(out_dir: str | Path, resume: str, overwrite: bool) -> None:
+    """At start, before anything is written (rank 0 only). A folder holding another run's checkpoints or metrics
+    is only reused when told: resume, or overwrite (the old run is moved aside to `<dir>.old-<time>`, never
+    deleted). Temporary files left by a killed write are removed."""
+    out_dir = Path(out_dir)
+    used = _run_artifacts(out_dir)
+    if used and overwrite:
+        aside = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(out_dir, aside)
+        log.warning("--overwrite: the previous run in %s was moved to %s", out_dir, aside)
+    elif used and not resume:
+        shown = ", ".join(used[:4]) + (f" and {len(used) - 4} more" if len(used) > 4 else "")
+        raise CheckpointError(
+            f"{out_dir} holds a previous run ({shown}). To continue it pass --resume auto; to start over pass "
+            "--overwrite (the old run is moved aside, not deleted); or choose another train.output_dir."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for p in out_dir.rglob(f"*{TMP_MARK}*"):
+        if p.is_file():
+            log.info("removing %s (a write interrupted by a crash)", p)
+            p.unlink(missing_ok=True)
+
+
+def run_id(out_dir: str | Path) -> str:
+    """This folder's run id (run.json), made on a fresh start; a resumed run keeps it."""
+    path = Path(out_dir) / RUN_FILE
+    try:
+        return json.loads(path.read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        rid = uuid.uuid4().hex[:12]
+        write_json_atomic({"run_id": rid, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, path)
+        return rid
+
+
+def set_aside_unhealthy(paths: list[Path]) -> None:
+    """Checkpoints written from a run that then went unhealthy: renamed `<name>.unhealthy` (kept for inspection,
+    never resumed from)."""
+    for p in paths:
+        os.replace(p, p.with_name(p.name + ".unhealthy"))
+        if record_path(p).exists():
+            os.replace(record_path(p), record_path(p).with_name(record_path(p).name + ".unhealthy"))
+        log.warning("set aside %s as %s.unhealthy: written after the run's trouble began", p, p.name)
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Drop the metric rows past `step` (logged after the checkpoint a run resumes from): each step once."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+    _write_atomic(path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))

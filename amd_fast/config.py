@@ -147,6 +147,14 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     resume: str = ""  # "auto": newest complete checkpoint in output_dir; or a path
     max_nonfinite_in_row: int = 5
+    # loss spike guard: a loss above spike_factor x the median of the last 100 healthy steps is a spike; spike_steps
+    # in a row stop the run like a non-finite streak (no checkpoint is written meanwhile). spike_factor 0: off
+    spike_factor: float = 10.0
+    spike_steps: int = 3
+    overwrite: bool = False  # a used output_dir: move the old run aside (<dir>.old-<time>) and start over
+    # checkpoint files you trust to be unpickled with weights_only=False. UNSAFE: unpickling runs code stored in the
+    # file. Only for files that hold more than tensors and plain containers (official ones do not need it)
+    unsafe_pickle: list[str] = field(default_factory=list)
     autocast: Literal["auto", "off", "bfloat16", "float16"] = "auto"
     tensorboard: bool = True
     progress: bool = True
@@ -244,6 +252,54 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
+# Ranges of the numeric fields, checked as each value is read (a list field: each of its items). Interval notation;
+# `inf` is unbounded. tests/test_config.py checks that every numeric field has one.
+
+_SEED = "[0, 4294967295]"  # numpy's seeds are 32-bit
+RANGES = {
+    "ModelConfig": {"embed_dim": "[0, inf)", "depth": "[0, inf)", "num_heads": "[0, inf)", "patch_size": "[1, inf)",
+                    "tubelet_size": "[1, inf)", "mlp_ratio": "(0, inf)", "drop_path": "[0, 1)"},
+    "DecoderConfig": {"embed_dim": "[1, inf)", "depth": "[1, inf)", "num_heads": "[1, inf)"},
+    "TeacherConfig": {"pretrain_steps": "[0, inf)", "pretrain_lr": "(0, inf)", "pretrain_mask_ratio": "[0, 1)"},
+    "MaskConfig": {"student_ratio": "[0, 1)", "teacher_ratio": "[0, 1)", "decoder_ratio": "[0, 1)"},
+    "ObjectiveConfig": {"student_layers": "[1, inf)", "teacher_layers": "[1, inf)", "w_rec": "[0, inf)",
+                        "w_dir": "[0, inf)", "w_gen": "[0, inf)", "generator_depth": "[0, inf)"},
+    "DataConfig": {"input_size": "[1, inf)", "num_frames": "[1, inf)", "batch_size": "[1, inf)",
+                   "num_workers": "[0, inf)", "size": "[0, inf)", "frame_stride": "[1, inf)", "num_sample": "[1, inf)",
+                   "min_crop_scale": "(0, 1]", "invert_prob": "[0, 1]"},
+    "OptimConfig": {"base_lr": "[0, inf)", "min_lr": "[0, inf)", "warmup_lr": "[0, inf)", "weight_decay": "[0, inf)",
+                    "betas": "[0, 1)", "eps": "(0, inf)", "clip_grad": "[0, inf)", "accum_steps": "[1, inf)"},
+    "TrainConfig": {"steps": "[0, inf)", "warmup_steps": "[0, inf)", "seed": _SEED, "threads": "[0, inf)",
+                    "log_interval": "[1, inf)", "save_interval": "[1, inf)", "keep_checkpoints": "[0, inf)",
+                    "max_nonfinite_in_row": "[1, inf)", "spike_factor": "[0, inf)", "spike_steps": "[1, inf)"},
+    "FinetuneConfig": {"num_classes": "[0, inf)", "layer_decay": "(0, 1]", "label_smoothing": "[0, 1]",
+                       "mixup": "[0, inf)", "cutmix": "[0, inf)", "mix_prob": "[0, 1]", "switch_prob": "[0, 1]",
+                       "head_init_scale": "[0, inf)", "test_clips": "[1, inf)", "test_crops": "[1, inf)",
+                       "test_seed": _SEED, "eval_interval": "[0, inf)", "eval_size": "[0, inf)",
+                       "eval_batch_size": "[1, inf)"},
+    "ProbeConfig": {"seeds": _SEED, "epochs": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)",
+                    "batch_size": "[1, inf)", "train_size": "[0, inf)", "test_size": "[0, inf)", "test_seed": _SEED},
+}  # fmt: skip
+
+
+def _in_range(value: float, rng: str) -> bool:
+    lo, hi = (float(x) for x in rng[1:-1].split(","))
+    above = value > lo if rng[0] == "(" else value >= lo
+    below = value < hi if rng[-1] == ")" else value <= hi
+    return above and below
+
+
+def _check_ranges(cls: type, obj, path: str) -> None:
+    for name, rng in RANGES.get(cls.__name__, {}).items():
+        value = getattr(obj, name)
+        for i, v in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            if not _in_range(v, rng):
+                where = f"{path}.{name}" if path else name
+                where += f"[{i}]" if i is not None else ""
+                raise ConfigError(f"{where}={v!r} is out of range: it must be in {rng}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading and checking
 
 
@@ -316,6 +372,7 @@ def _from_dict(cls: type, data: dict, path: str = "") -> Any:
             setattr(obj, key, _from_dict(hints[key], merged, full))
         else:
             setattr(obj, key, _check_value(full, hints[key], value))
+    _check_ranges(cls, obj, path)
     return obj
 
 

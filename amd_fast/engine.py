@@ -129,6 +129,9 @@ class LocalEngine:
     def peak_memory_max(self, local_bytes: int) -> int:
         return local_bytes
 
+    def mean_over_ranks(self, x: torch.Tensor) -> float:
+        return float(x)  # host sync
+
     def barrier(self) -> None:
         pass
 
@@ -186,6 +189,26 @@ class _StudentStep(nn.Module):
         return objective(batch)
 
 
+def ds_safe_globals() -> list:
+    """DeepSpeed's data-holder classes found in its checkpoint files (a loss scaler's numbers, the ZeRO stage enum,
+    a fragment's address): allow-listed so that its files load with weights_only=True like every other."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_ds_file(path, map_location="cpu"):
+    """One file of a DeepSpeed checkpoint, with weights_only=True; errors name the file."""
+    try:
+        with torch.serialization.safe_globals(ds_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch raises several types for a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ckpt.CheckpointError(f"{path}: cannot be read as a DeepSpeed checkpoint file ({first})") from None
+
+
 def _skip_cpu_shm_build() -> None:
     # DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce on Linux CPUs (~40 s on 2 cores, more under
     # load) that only its inference all-reduce uses; training collectives go through gloo either way. Marking
@@ -201,8 +224,10 @@ def make_engine(dist_cfg: DistConfig, model: nn.Module, optimizer, device: torch
     autocast: the dtype training runs its forward in (fp16 needs loss scaling)."""
     if uses_deepspeed(dist_cfg, world_size):
         if autocast == torch.float16:
-            raise ConfigError("train.autocast=float16 needs loss scaling, which a DeepSpeed run takes from its JSON: "
-                              "use train.autocast=bfloat16, or train.autocast=off with an fp16 DeepSpeed config")
+            raise ConfigError(
+                "train.autocast=float16 needs loss scaling, which a DeepSpeed run takes from its JSON: "
+                "use train.autocast=bfloat16, or train.autocast=off with an fp16 DeepSpeed config"
+            )
         return DeepSpeedEngine(dist_cfg, model, optimizer, device, micro_batch=micro_batch, accum_steps=accum_steps,
                                clip_grad=clip_grad)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
@@ -285,6 +310,8 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=_StudentStep(model), optimizer=optimizer, config=self.config
         )
+        # DeepSpeed reads its checkpoint files with weights_only=False; this engine's loads go through ours
+        self.engine.checkpoint_engine.load = load_ds_file
         self.accum_steps = accum_steps
         self._micro = 0
         log.info(
@@ -323,6 +350,12 @@ class DeepSpeedEngine:
         v = (v / (n * self.world_size)).tolist()  # .tolist(): the host sync of this log interval
         return dict(zip(keys, v))
 
+    def mean_over_ranks(self, x: torch.Tensor) -> float:
+        """One scalar's mean over the ranks (a small all-reduce; the host sync is the caller's reason to ask)."""
+        v = x.detach().float().reshape(1).to(self.engine.device, copy=True)  # all_reduce works in place
+        self.dist.all_reduce(v)
+        return float(v) / self.world_size
+
     def peak_memory_max(self, local_bytes: int) -> int:
         t = torch.tensor([local_bytes], dtype=torch.int64, device=self.engine.device)
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
@@ -333,8 +366,9 @@ class DeepSpeedEngine:
 
     # checkpoints -----------------------------------------------------------------------------
 
-    def save(self, out_dir: Path, step: int, client_state: dict, keep: int) -> Path:
-        """Every rank writes its shard; rank 0 writes meta.json last (the completeness marker), then prunes."""
+    def save(self, out_dir: Path, step: int, client_state: dict, keep: int, run_id: str = "") -> Path:
+        """Every rank writes its shard; rank 0 writes meta.json last (the completeness marker, with every file's
+        size, checked on resume), then prunes this run's older checkpoints."""
         tag = f"checkpoint-{step}"
         path = out_dir / tag
         client_state = {**client_state, "param_group_names": self.group_names}  # for `consolidate`
@@ -343,11 +377,12 @@ class DeepSpeedEngine:
         (path / f"shard-rank{self.rank}.json").write_text(json.dumps(self.shard_sizes()))  # what this rank holds
         self.barrier()
         if self.rank == 0:
-            meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage}
-            tmp = path / f".{META}.tmp"
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, path / META)
-            for _, old in list_ds_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+            files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file() and f.name != META}
+            meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage, "run_id": run_id,
+                    "files": files}  # fmt: skip
+            ckpt.write_json_atomic(meta, path / META)
+            ours = [d for _, d in list_ds_checkpoints(out_dir) if read_meta(d).get("run_id") == run_id]
+            for old in ours[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
         return path
@@ -454,10 +489,32 @@ def list_ds_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def verify_ds_checkpoint(path: Path) -> str | None:
+    """Why a DeepSpeed checkpoint directory cannot be resumed from, or None when its files match meta.json."""
+    try:
+        files = read_meta(path).get("files")
+    except (OSError, ValueError) as e:
+        return f"unreadable {META} ({e})"
+    for name, size in (files or {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {META} says {size} (cut short or overwritten)"
+    return None
+
+
 def find_resume(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint of either kind: `checkpoint-N.pt` (one process) or `checkpoint-N/`."""
-    found = ckpt.list_checkpoints(directory) + list_ds_checkpoints(directory)
-    return max(found)[1] if found else None
+    """The newest checkpoint of either kind that verifies: `checkpoint-N.pt` (one process; its record's size and
+    SHA-256) or `checkpoint-N/` (DeepSpeed; meta.json's file sizes). A damaged one is named, with why, and the
+    next older one is tried."""
+    found = sorted(ckpt.list_checkpoints(directory) + list_ds_checkpoints(directory), reverse=True)
+    for _, path in found:
+        why = verify_ds_checkpoint(path) if is_ds_checkpoint(path) else ckpt.verify_file(path)
+        if why is None:
+            return path
+        log.warning("not resuming from %s: %s; trying an older checkpoint", path, why)
+    return None
 
 
 def is_ds_checkpoint(path: str | Path) -> bool:
@@ -488,15 +545,18 @@ def consolidate(path: str | Path) -> dict:
     # rank 0's module file holds the client state (ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt)
     name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if meta["zero_stage"] == 3 else "mp_rank_00_model_states.pt"
     top_file = path / name
-    top = torch.load(top_file, map_location="cpu", weights_only=False)
+    top = load_ds_file(top_file)
     optim_files = sorted(glob.glob(str(path / "*zero_pp_rank_*_optim_states.pt")), key=z.natural_keys)
     if meta["zero_stage"] == 0 or not optim_files:
         # no ZeRO: DeepSpeed saved the whole module and the client optimizer's own state dict
         model = {k.removeprefix(_PREFIX): v.float() for k, v in top["module"].items()}
         optimizer = top["optimizer"]
     else:
-        zero_model_states = z.parse_model_states(z.get_model_state_files(str(path)))
-        shards = [torch.load(f, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT] for f in optim_files]
+        model_files = z.get_model_state_files(str(path))
+        for f in model_files:  # DeepSpeed's parser below unpickles them: each must first pass a weights_only read
+            load_ds_file(f)
+        zero_model_states = z.parse_model_states(model_files)
+        shards = [load_ds_file(f)[OPTIMIZER_STATE_DICT] for f in optim_files]
         stage, world = shards[0]["zero_stage"], len(shards)
         base = [s["base_optimizer_state"] if stage <= 2 else s["optimizer_state_dict"] for s in shards]
 

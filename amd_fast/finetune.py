@@ -18,10 +18,12 @@ import contextlib
 import json
 import logging
 import math
+import random
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -35,6 +37,7 @@ from amd_fast.config import ConfigError, FinetuneRunConfig, load_config, to_dict
 from amd_fast.data import DATASETS, EpochSampler, FileClips, SkipLog, build_dataset, collate_clips, file_worker_init  # noqa: E402  # noqa: E402
 from amd_fast.device import autocast_dtype, default_device, use_fused_adamw  # noqa: E402
 from amd_fast.engine import dist_env, find_resume, is_ds_checkpoint, make_engine, weights_source  # noqa: E402
+from amd_fast.models import checkpoint_io  # noqa: E402
 from amd_fast.models.classifier import VideoClassifier, layer_decay_groups, load_classifier  # noqa: E402
 from amd_fast.models.vit import build_encoder  # noqa: E402
 from amd_fast.optim import lr_at, scaled_lrs  # noqa: E402
@@ -113,8 +116,14 @@ class Finetuner:
         if t.threads:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
+        np.random.seed(t.seed + rank)
+        random.seed(t.seed + rank)
         self.out_dir = Path(t.output_dir)
+        if rank == 0 and not f.eval_only:  # a used folder is only reused when told; stale temporary files go
+            ckpt.prepare_output_dir(self.out_dir, t.resume, t.overwrite)
+            ckpt.run_id(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_io.trust(t.unsafe_pickle)
 
         common = dict(root=d.root, input_size=d.input_size, num_frames=d.num_frames, prefix=d.prefix,
                       sampling=d.sampling, frame_stride=d.frame_stride, decoder=d.decoder,
@@ -310,14 +319,14 @@ class Finetuner:
 
     def save(self) -> Path | None:
         state = {"step": self.step, "config": to_dict(self.cfg), "meta": {"kind": "finetune", "world": self.world_size}}
+        rid = ckpt.run_id(self.out_dir)
         if self.engine.kind == "deepspeed":
-            return self.engine.save(self.out_dir, self.step, state, self.cfg.train.keep_checkpoints)
+            return self.engine.save(self.out_dir, self.step, state, self.cfg.train.keep_checkpoints, rid)
         if self.rank != 0:
             return None
         state.update(model=self.model.export_state_dict(), optimizer=self.optimizer.state_dict(), rng=ckpt.rng_state(),
                      engine=self.engine.state_dict())  # fmt: skip
-        path = ckpt.save_atomic(state, self.out_dir / f"checkpoint-{self.step}.pt")
-        ckpt.prune(self.out_dir, self.cfg.train.keep_checkpoints)
+        path = ckpt.save_checkpoint(state, self.out_dir, self.step, rid, self.cfg.train.keep_checkpoints)
         log.info("saved %s", path)
         return path
 
@@ -331,7 +340,10 @@ class Finetuner:
                 raise ValueError(f"{path}: a DeepSpeed fine-tune checkpoint resumes on the same number of ranks")
             self.step = self.engine.load(path)["step"]
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            why = ckpt.verify_file(path)
+            if why is not None and ckpt.read_record(path) is not None:
+                raise ckpt.CheckpointError(f"{path}: {why}")
+            state = ckpt.load_file(path)
             own = self.model.state_dict()
             self.model.load_state_dict({(k if k in own else "encoder." + k): v for k, v in state["model"].items()})
             self.optimizer.load_state_dict(state["optimizer"])
@@ -346,6 +358,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default=None, help="a preset in configs/ (default: configs/finetune_tiny_video.yaml)")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in output_dir) or a path")
     p.add_argument("--eval-only", action="store_true", help="only evaluate finetune.init (a fine-tuned checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="output_dir holds a previous run: move it aside (<dir>.old-<time>) and start over")  # fmt: skip
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.init=... train.steps=500")
     return p.parse_args(argv)
@@ -363,6 +377,8 @@ def main(argv=None) -> int:
         overrides.append(f"train.resume={args.resume}")
     if args.eval_only:
         overrides.append("finetune.eval_only=true")
+    if args.overwrite:
+        overrides.append("train.overwrite=true")
     try:
         cfg = load_config(args.config or DEFAULT_PRESET, overrides, root=FinetuneRunConfig)
     except ConfigError as e:
@@ -372,7 +388,12 @@ def main(argv=None) -> int:
     if world_size > 1 and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    res = Finetuner(cfg, device, rank, world_size).train()
+    try:
+        finetuner = Finetuner(cfg, device, rank, world_size)
+    except checkpoint_io.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res = finetuner.train()
     if rank == 0:
         print(json.dumps(res))
     return 0

@@ -24,11 +24,14 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the package importable from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.build import teacher_pretrain_config  # noqa: E402
 from amd_fast.config import ConfigError, load_config  # noqa: E402
 from amd_fast.engine import dist_env, is_ds_checkpoint  # noqa: E402
 from amd_fast.export import export_student  # noqa: E402
 from amd_fast.launch import ensure_allocator  # noqa: E402
+from amd_fast.models import checkpoint_io  # noqa: E402
+from amd_fast.models.checkpoint_io import CheckpointError  # noqa: E402
 from amd_fast.trainer import Trainer, setup_logging  # noqa: E402
 
 log = logging.getLogger("amd_fast.train")
@@ -38,6 +41,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="a preset in configs/ (default: the built-in tiny AMD job)")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in output_dir) or a path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="output_dir holds a previous run: move it aside (<dir>.old-<time>) and start over")  # fmt: skip
     # the `deepspeed` launcher passes --local_rank; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=4 train.steps=100")
@@ -55,11 +60,17 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
+    if args.overwrite:
+        overrides.append("train.overwrite=true")
     try:
         cfg = load_config(args.config or DEFAULT_PRESET, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        checkpoint_io.trust(cfg.train.unsafe_pickle)
+        if rank == 0:  # before any work (the teacher's run included): a used folder is only reused when told
+            ckpt.prepare_output_dir(cfg.train.output_dir, cfg.train.resume, cfg.train.overwrite)
+    except (ConfigError, CheckpointError) as e:
+        print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
         return 2
+    cfg.train.overwrite = False  # done: the runs below find the folder prepared
     if argv is None:  # a real command line (not a call from Python): it may be re-executed once, with LD_PRELOAD
         ensure_allocator(cfg.train.allocator)
     device = None
@@ -82,7 +93,12 @@ def main(argv=None) -> int:
             teacher_path = exported
         del teacher_trainer  # its engine's memory is freed before the student's is built
         cfg.teacher.checkpoint = str(teacher_path)
-    Trainer(cfg, device, rank, world_size).train()
+    try:
+        trainer = Trainer(cfg, device, rank, world_size)
+    except CheckpointError as e:  # a damaged or untrusted file named by the config, or a folder in use
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer.train()
     return 0
 
 

@@ -7,15 +7,20 @@ backward, clipping, the optimizer step, metric reduction across ranks and checkp
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
 import logging
+import math
 import os
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -38,18 +43,25 @@ from amd_fast.engine import (
     consolidate,
     find_resume,
     is_ds_checkpoint,
+    list_ds_checkpoints,
     make_engine,
     partition_teacher,
     uses_deepspeed,
+    verify_ds_checkpoint,
 )
 from amd_fast.flops import step_flops
+from amd_fast.models import checkpoint_io
 from amd_fast.optim import build_optimizer, lr_at, scaled_lrs
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The run went unhealthy (non-finite or spiking losses for too many steps in a row) and was stopped."""
+
+
+SPIKE_WINDOW = 100  # healthy steps whose median loss a spike is judged against
+SPIKE_MIN_HISTORY = 10  # the guard starts once this many healthy steps are known
 
 
 def _worker_init(_):
@@ -75,10 +87,16 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        # every RNG the run may draw from, per rank (loader workers get theirs from torch's, per worker)
         torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed + rank)
+        random.seed(cfg.train.seed + rank)
         d, t = cfg.data, cfg.train
         self.out_dir = Path(t.output_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:  # a used folder is only reused when told; stale temporary files go
+            ckpt.prepare_output_dir(self.out_dir, t.resume, t.overwrite)
+            ckpt.run_id(self.out_dir)
+        checkpoint_io.trust(t.unsafe_pickle)
 
         img_size, num_frames = d.input_size, d.num_frames
         # the precision the student runs in, decided (and logged) before anything is built for it
@@ -118,9 +136,14 @@ class Trainer:
             cfg.dist, self.model, self.optimizer, self.device, world_size,
             micro_batch=d.batch_size, accum_steps=o.accum_steps, clip_grad=o.clip_grad, autocast=self.autocast,
         )  # fmt: skip
+        self.engine.barrier()  # rank 0 has prepared the folder and its run.json
+        self.run_id = ckpt.run_id(self.out_dir)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
+        self.spikes_in_row = 0
+        self.trouble_from: int | None = None  # the weights version (step) whose loss first went bad, while it lasts
+        self.healthy_losses = collections.deque(maxlen=SPIKE_WINDOW)
         self.flops = step_flops(self.model, self.teacher, self.masks.counts, cfg.objective.name, d.batch_size)
         # ds_numel: a ZeRO-3 partitioned parameter's full size (its numel() is this rank's share)
         n_teacher = 0 if self.teacher is None else sum(getattr(p, "ds_numel", p.numel())
@@ -135,6 +158,8 @@ class Trainer:
         )  # fmt: skip
         if t.resume:
             self.resume(t.resume)
+        if self.rank == 0:  # rows logged past the step this run starts from are logged again: each step once
+            ckpt.truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
 
     # ------------------------------------------------------------------------------------------
     # data
@@ -175,6 +200,10 @@ class Trainer:
             self.dataset, batch_size=self.files_per_batch, sampler=self.sampler, num_workers=nw,
             drop_last=True, worker_init_fn=init if nw else None, persistent_workers=False,
             prefetch_factor=4 if nw else None, collate_fn=collate_clips if self.skips is not None else None,
+            # the workers' base seed (their torch / numpy / random seeds) from the run seed, the epoch and the rank:
+            # drawn from the global RNG instead, a resumed run's global RNG would run one draw off the
+            # uninterrupted run's (drop path draws from it)
+            generator=torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + epoch) * 1009 + self.rank),
         )  # fmt: skip
         if self.dali is not None:  # the workers sent decode requests: the DALI pipeline makes the clips here
             loader = self.dali.stream(loader)  # one batch decoding ahead of the one trained on
@@ -212,23 +241,69 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v
         n = len(micro_batches)
         finite = self.engine.step(total)  # clip, step; skipped if the loss or the gradient norm is not finite
+        version = self.step  # the weights this step's loss was computed with
         self.step += 1
         if not finite:
             self.nonfinite_total += 1
             self.nonfinite_in_row += 1
+            self._trouble(version)
             log.warning(
                 "step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.nonfinite_in_row
             )
             if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
-                raise NonFiniteLossError(
-                    f"{self.nonfinite_in_row} non-finite steps in a row (last at step {self.step}); stopping. "
-                    "Lower optim.base_lr, set optim.clip_grad, or check the input data. The last complete "
-                    f"checkpoint in {self.out_dir} is intact."
-                )
+                self._stop(f"{self.nonfinite_in_row} non-finite steps in a row (last at step {self.step})")
             return None
         self.nonfinite_in_row = 0
         out = {"loss": total / n, **{k: v / n for k, v in sums.items()}, "lr": torch.tensor(lr)}
+        self._spike_guard(out["loss"], version)
         return out
+
+    # ------------------------------------------------------------------------------------------
+    # run health: no checkpoint is written from an unhealthy run, and a stop names the last good one
+
+    def _spike_guard(self, loss: torch.Tensor, version: int) -> None:
+        """A loss above train.spike_factor x the median of the last healthy steps is a spike; train.spike_steps of
+        them in a row stop the run as a non-finite streak does."""
+        t = self.cfg.train
+        if t.spike_factor <= 0:
+            return
+        # Host sync, once per step (the engine's finiteness check already made one); a mean over ranks, so that
+        # every rank agrees on the run's health (and so on whether to save).
+        value = self.engine.mean_over_ranks(loss.detach().float())
+        hist = self.healthy_losses
+        if len(hist) >= SPIKE_MIN_HISTORY and value > t.spike_factor * statistics.median(hist):
+            self.spikes_in_row += 1
+            self._trouble(version)
+            log.warning("step %d: loss %.4g is above %g x the median of the last %d healthy steps (%.4g) (%d in a row)",
+                        self.step, value, t.spike_factor, len(hist), statistics.median(hist),
+                        self.spikes_in_row)  # fmt: skip
+            if self.spikes_in_row >= t.spike_steps:
+                self._stop(f"{self.spikes_in_row} loss spikes in a row (last at step {self.step}: {value:.4g})")
+            return
+        self.spikes_in_row = 0
+        if math.isfinite(value):
+            hist.append(value)
+        if self.nonfinite_in_row == 0:
+            self.trouble_from = None
+
+    def _trouble(self, version: int) -> None:
+        if self.trouble_from is None:
+            self.trouble_from = version
+
+    def _stop(self, what: str) -> None:
+        """Checkpoints of weights at or after the trouble began are set aside (rank 0), so `--resume auto` takes
+        the newest one before it; the message names it."""
+        bad = self.trouble_from if self.trouble_from is not None else self.step
+        if self.rank == 0:
+            found = ckpt.list_checkpoints(self.out_dir) + list_ds_checkpoints(self.out_dir)
+            ckpt.set_aside_unhealthy([p for s, p in found if s >= bad])
+        self.engine.barrier()
+        good = find_resume(self.out_dir)
+        where = f"{good}; --resume auto continues from it" if good else "none (no checkpoint was written before it)"
+        raise NonFiniteLossError(
+            f"{what}; stopping. The trouble began with the weights of step {bad}. The newest checkpoint from before "
+            f"it: {where}. Lower optim.base_lr, set optim.clip_grad, or check the input data."
+        )
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -262,7 +337,11 @@ class Trainer:
                     self._log(window, writer, metrics_file, bar)
                     window = {"sums": {}, "n": 0, "t0": time.perf_counter(), "data": 0.0, "steps": 0}
                 if self.step % t.save_interval == 0 or self.step == t.steps:
-                    last_path = self.save()
+                    if self.trouble_from is None:
+                        last_path = self.save()
+                    else:  # never a checkpoint from an unhealthy run
+                        log.warning("step %d: no checkpoint written: the run is unhealthy since step %d", self.step,
+                                    self.trouble_from)  # fmt: skip
         finally:
             if bar is not None:
                 bar.close()
@@ -338,7 +417,7 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "engine": self.engine.state_dict(),
             "config": to_dict(self.cfg),
-            "meta": {"world_size": self.world_size, "objective": self.cfg.objective.name},
+            "meta": {"world_size": self.world_size, "objective": self.cfg.objective.name, "run_id": self.run_id},
         }
 
     def save(self) -> Path | None:
@@ -347,15 +426,15 @@ class Trainer:
                 "step": self.step,
                 "nonfinite_total": self.nonfinite_total,
                 "config": to_dict(self.cfg),
-                "meta": {"world_size": self.world_size, "objective": self.cfg.objective.name},
+                "meta": {"world_size": self.world_size, "objective": self.cfg.objective.name, "run_id": self.run_id},
             }
-            path = self.engine.save(self.out_dir, self.step, state, self.cfg.train.keep_checkpoints)
+            path = self.engine.save(self.out_dir, self.step, state, self.cfg.train.keep_checkpoints, self.run_id)
             log.info("saved %s", path)
             return path
         if self.rank != 0:
             return None
-        path = ckpt.save_atomic(self.state_dict(), self.out_dir / f"checkpoint-{self.step}.pt")
-        ckpt.prune(self.out_dir, self.cfg.train.keep_checkpoints)
+        path = ckpt.save_checkpoint(self.state_dict(), self.out_dir, self.step, self.run_id,
+                                    self.cfg.train.keep_checkpoints)  # fmt: skip
         log.info("saved %s", path)
         return path
 
@@ -364,6 +443,12 @@ class Trainer:
         if path is None:
             log.info("resume=auto: no checkpoint in %s, starting fresh", self.out_dir)
             return
+        self._resume_from(path)
+
+    def _resume_from(self, path: Path) -> None:
+        why = verify_ds_checkpoint(path) if is_ds_checkpoint(path) else ckpt.verify_file(path)
+        if why is not None and (is_ds_checkpoint(path) or ckpt.read_record(path) is not None):
+            raise ckpt.CheckpointError(f"{path}: {why}")
         if is_ds_checkpoint(path) and self.engine.kind == "deepspeed" and self.engine.same_world(path):
             state = self.engine.load(path)  # sharded, as saved: weights, optimizer, this rank's RNG
             self.step = state["step"]
@@ -373,7 +458,7 @@ class Trainer:
         if is_ds_checkpoint(path):  # saved on another number of ranks: consolidate the shards first
             state = consolidate(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = ckpt.load_file(path)
         if self.engine.kind == "deepspeed":
             self.engine.load_full(state)
             self.step = state["step"]

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from amd_fast.models import checkpoint_io
 from amd_fast.models.checkpoint_io import (
     CheckpointError,
     infer_encoder_config,
@@ -562,15 +563,32 @@ class _Opaque:  # a pickled object weights_only refuses
     pass
 
 
-def test_read_state_dict_wrappers_and_unsafe_fallback(tmp_path, caplog):
+def test_read_state_dict_wrappers_and_no_unsafe_fallback(tmp_path, caplog):
+    """weights_only=True always: a file that holds other objects is refused, naming it and the per-file switch;
+    only a file the user lists in train.unsafe_pickle is unpickled. Random bytes and a cut-short file are named."""
     w = torch.randn(3)
     assert read_state_dict({"state_dict": {"module._orig_mod.a": w, "step": 3}}) == {"a": w}
     assert read_state_dict({"model": {"module": {"a": w}}}) == {"a": w}
     assert read_state_dict({"module.a": w}) == {"a": w}
     path = save(tmp_path, {"model": {"a": w}, "extra": _Opaque()})
-    with caplog.at_level(logging.WARNING, logger="amd_fast"):
-        assert torch.equal(read_state_dict(path)["a"], w)
-    assert "weights_only=False" in caplog.text
+    with pytest.raises(CheckpointError, match=rf"{path}: not a checkpoint of tensors.*train.unsafe_pickle"):
+        read_state_dict(path)
+    try:
+        checkpoint_io.trust([str(path)])
+        with caplog.at_level(logging.WARNING, logger="amd_fast"):
+            assert torch.equal(read_state_dict(path)["a"], w)
+        assert "weights_only=False" in caplog.text
+    finally:
+        checkpoint_io.trust([])
+    junk = tmp_path / "download.pth"
+    junk.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(CheckpointError, match=rf"{junk}: "):
+        read_state_dict(junk)
+    ok = save(tmp_path, {"model": {"a": w}}, name="ok.pth")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(ok.read_bytes()[: ok.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"{cut}: cannot be read"):
+        read_state_dict(cut)
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import pickle
 import re
 from collections import Counter
@@ -105,19 +106,35 @@ def _group(keys: list[str], leaf: bool = False) -> str:
 # reading
 
 
+_TRUSTED: set[str] = set()
+
+
+def trust(paths) -> None:
+    """Files the user has named in `train.unsafe_pickle`: the only ones ever unpickled with weights_only=False."""
+    _TRUSTED.clear()
+    _TRUSTED.update(os.path.realpath(p) for p in paths)
+
+
 def _torch_load(path: str | Path):
+    """weights_only=True always: tensors and plain containers, plus argparse.Namespace (the official scripts save
+    their `args`). A file that needs more is refused, naming it, unless the user listed it in train.unsafe_pickle
+    (which runs whatever code the file holds: for files you made or trust)."""
     try:
-        # The official scripts also save `args` (an argparse.Namespace): allow that one class, nothing else.
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        log.warning(
-            "%s: weights_only load failed (%s); retrying with weights_only=False, which runs code stored in the "
-            "file: use it only on checkpoints you trust",
-            path,
-            str(e).splitlines()[0],
-        )
+        first = str(e).strip().splitlines()[0]
+        if os.path.realpath(path) not in _TRUSTED:
+            raise CheckpointError(
+                f"{path}: not a checkpoint of tensors and plain containers ({first}). If it is a checkpoint you "
+                f"trust that stores other objects, list it in train.unsafe_pickle=[{path}] -- UNSAFE: unpickling "
+                "runs code stored in the file."
+            ) from None
+        log.warning("%s: loading with weights_only=False, as train.unsafe_pickle asks (runs code in the file)", path)
         return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {first})") from None
 
 
 def read_state_dict(path_or_dict) -> dict[str, torch.Tensor]:
