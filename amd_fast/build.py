@@ -35,12 +35,13 @@ def build_student(
 ) -> PretrainModel:
     encoder = build_encoder(model_cfg, img_size=img_size, num_frames=num_frames)
     kw = {}
-    if objective_cfg.name in ("amd", "dmae"):
+    spec = OBJECTIVES[objective_cfg.name]
+    if spec.needs_teacher:
         kw = dict(
             teacher_dim=teacher_width(teacher_model_cfg),
             num_aligned=len(objective_cfg.student_layers),
-            generator_depth=objective_cfg.generator_depth if objective_cfg.name == "amd" else 0,
-            head_kind="amd" if objective_cfg.name == "amd" else objective_cfg.dmae_head,
+            generator_depth=objective_cfg.generator_depth if spec.has_generators else 0,
+            head_kind=spec.head_kind(objective_cfg),
         )
         if max(objective_cfg.student_layers) > encoder.depth:
             raise ValueError(
@@ -93,7 +94,7 @@ def make_frozen_teacher(encoder, layers: list[int], setting: str, device: torch.
 
 
 def build_mask_generator(mask_cfg: MaskConfig, objective: str, grid: tuple[int, int, int]) -> MaskGenerator:
-    teacher_ratio = mask_cfg.teacher_ratio if objective == "amd" else None
+    teacher_ratio = mask_cfg.teacher_ratio if OBJECTIVES[objective].uses_delta else None
     return MaskGenerator(grid, mask_cfg.kind, mask_cfg.student_ratio, teacher_ratio, mask_cfg.decoder_ratio)
 
 

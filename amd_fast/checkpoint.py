@@ -32,6 +32,8 @@ from amd_fast.models.checkpoint_io import CheckpointError  # noqa: F401 -- raise
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+_DIR_NAME = re.compile(r"^checkpoint-(\d+)$")
+META = "meta.json"  # a DeepSpeed checkpoint directory's completeness marker (written last)
 
 
 TMP_MARK = ".tmp-"  # temporary files are `.<name>.tmp-<pid>`: never matched as checkpoints, removed at start
@@ -138,20 +140,82 @@ def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_resume(directory: str | Path) -> Path | None:
-    """The newest one-process checkpoint that verifies (see `engine.find_resume` for both kinds)."""
-    for _, p in reversed(list_checkpoints(directory)):
-        if verify_file(p) is None:
-            return p
-    return None
-
-
 def prune(directory: str | Path, keep: int, run_id: str) -> None:
     """Keep the newest `keep` checkpoints of run `run_id`; never touch another run's (or an unrecorded) file."""
     ours = [p for _, p in list_checkpoints(directory) if (read_record(p) or {}).get("run_id") == run_id]
     for p in ours[:-keep] if keep > 0 else []:
         p.unlink(missing_ok=True)
         record_path(p).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed checkpoint directories (written by amd_fast/engine.py), and reading either kind
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / META).read_text())
+
+
+def list_ds_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """Complete DeepSpeed checkpoint directories (meta.json present), oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _DIR_NAME.match(p.name)) and (p / META).exists()]
+    return sorted(found)
+
+
+def verify_ds_checkpoint(path: Path) -> str | None:
+    """Why a DeepSpeed checkpoint directory cannot be resumed from, or None when its files match meta.json."""
+    try:
+        files = read_meta(path).get("files")
+    except (OSError, ValueError) as e:
+        return f"unreadable {META} ({e})"
+    for name, size in (files or {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {META} says {size} (cut short or overwritten)"
+    return None
+
+
+def find_resume(directory: str | Path) -> Path | None:
+    """The newest checkpoint of either kind that verifies: `checkpoint-N.pt` (one process; its record's size and
+    SHA-256) or `checkpoint-N/` (DeepSpeed; meta.json's file sizes). A damaged one is named, with why, and the
+    next older one is tried."""
+    found = sorted(list_checkpoints(directory) + list_ds_checkpoints(directory), reverse=True)
+    for _, path in found:
+        why = verify_ds_checkpoint(path) if is_ds_checkpoint(path) else verify_file(path)
+        if why is None:
+            return path
+        log.warning("not resuming from %s: %s; trying an older checkpoint", path, why)
+    return None
+
+
+def is_ds_checkpoint(path: str | Path) -> bool:
+    return Path(path).is_dir()
+
+
+def weights_source(path: str | Path):
+    """What `checkpoint_io.read_state_dict` reads: a file path as it is (official files included), a DeepSpeed
+    directory consolidated into the one-process checkpoint dict first."""
+    return read_checkpoint(path) if is_ds_checkpoint(path) else path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint of either kind as one dict (`model`, `optimizer`, `step`, `rng`, `config`, `meta`):
+    a one-process file, checked against its record when it has one, or a DeepSpeed directory, checked against its
+    meta.json and consolidated. Errors name the file and why."""
+    path = Path(path)
+    why = verify_ds_checkpoint(path) if is_ds_checkpoint(path) else verify_file(path)
+    if why is not None and (is_ds_checkpoint(path) or read_record(path) is not None):
+        raise CheckpointError(f"{path}: {why}")
+    if is_ds_checkpoint(path):
+        from amd_fast.engine import consolidate  # DeepSpeed's zero_to_fp32 merges the shards
+
+        return consolidate(path)
+    return load_file(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -425,19 +425,21 @@ def validate(cfg: Config) -> None:
         v = getattr(m, name)
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"mask.{name}={v} must be in [0, 1)")
-    if cfg.objective.name == "amd" and m.teacher_ratio > m.student_ratio:
+    from amd_fast.objectives import OBJECTIVES  # what each objective needs is declared there
+
+    spec = OBJECTIVES[cfg.objective.name]
+    if spec.uses_delta and m.teacher_ratio > m.student_ratio:
         raise ConfigError(
             f"mask.teacher_ratio={m.teacher_ratio} must be <= mask.student_ratio={m.student_ratio}: "
             "AMD's teacher sees a superset of the student's tokens"
         )
     o = cfg.objective
-    if o.name in ("amd", "dmae"):
+    if spec.needs_teacher:
         if len(o.student_layers) != len(o.teacher_layers) or not o.student_layers:
             raise ConfigError(
                 f"objective.student_layers={o.student_layers} and objective.teacher_layers={o.teacher_layers} "
                 "must be non-empty and of equal length (one teacher layer per student layer)"
             )
-    if o.name in ("amd", "dmae"):
         for name in ("patch_size", "tubelet_size"):
             s, t = getattr(cfg.model, name), getattr(cfg.teacher.model, name)
             if s != t:

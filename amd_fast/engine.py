@@ -27,7 +27,6 @@ import glob
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -40,8 +39,6 @@ from amd_fast.config import ConfigError, DistConfig
 log = logging.getLogger(__name__)
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
-_DIR_NAME = re.compile(r"^checkpoint-(\d+)$")
-META = "meta.json"
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -64,14 +61,13 @@ def uses_deepspeed(dist_cfg: DistConfig, world_size: int) -> bool:
 
 
 class LocalEngine:
-    kind = "local"
-
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, accum_steps: int, clip_grad: float,
-                 grad_scaler: torch.amp.GradScaler | None = None):  # fmt: skip
+                 grad_scaler: torch.amp.GradScaler | None = None, model_io: ModelIO | None = None):  # fmt: skip
         """grad_scaler: fp16 autocast's dynamic loss scaling (PyTorch AMP; apex's amp in the references)."""
         self.model, self.optimizer = model, optimizer
         self.accum_steps, self.clip_grad = accum_steps, clip_grad
         self.scaler = grad_scaler
+        self.io = model_io or ModelIO.plain(model)
         self.rank, self.world_size = 0, 1
 
     def set_lr(self, lr: float) -> None:
@@ -114,13 +110,25 @@ class LocalEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return finite
 
-    def state_dict(self) -> dict:
-        """What the engine adds to a checkpoint: the fp16 loss scaler's state (a resume continues its scale)."""
-        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+    def save(self, out_dir: Path, step: int, client_state: dict, keep: int, run_id: str) -> Path:
+        """One file `checkpoint-<step>.pt`: the client state plus the weights, AdamW's state, the RNG states and
+        the fp16 loss scaler's (a resume continues its scale); its record written after it."""
+        scaler = {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        state = {**client_state, "model": self.io.state(), "optimizer": self.optimizer.state_dict(),
+                 "rng": ckpt.rng_state(), "engine": scaler}  # fmt: skip
+        return ckpt.save_checkpoint(state, out_dir, step, run_id, keep)
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
+    def load(self, path: Path) -> dict:
+        """A checkpoint of either kind (a DeepSpeed directory is consolidated first), verified against its record;
+        returns it (step, config, ...)."""
+        state = ckpt.read_checkpoint(path)
+        self.model.load_state_dict(self.io.own(state["model"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state.get("engine", {}):
+            self.scaler.load_state_dict(state["engine"]["scaler"])
+        if state.get("rng") is not None:
+            ckpt.set_rng_state(state["rng"])
+        return state
 
     def reduce_metrics(self, sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
         # .item() here only: one host sync per log interval
@@ -131,6 +139,13 @@ class LocalEngine:
 
     def mean_over_ranks(self, x: torch.Tensor) -> float:
         return float(x)  # host sync
+
+    def shard_sizes(self) -> dict:
+        """Elements held: every parameter and its Adam moments (one process holds them all)."""
+        n = sum(p.numel() for p in self.model.parameters())
+        moments = sum(v.numel() for s in self.optimizer.state.values() for k, v in s.items() if k.startswith("exp_avg"))
+        return {"rank": 0, "world_size": 1, "zero_stage": None, "params_local": n, "moments_local": moments,
+                "params_full": n}  # fmt: skip
 
     def barrier(self) -> None:
         pass
@@ -218,10 +233,25 @@ def _skip_cpu_shm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+class ModelIO:
+    """How a task's weights go into a checkpoint (`state`) and come back (`own`: a saved state dict, in the
+    saved layout, to the model's own names)."""
+
+    def __init__(self, state, own):
+        self.state, self.own = state, own
+
+    @classmethod
+    def plain(cls, model: nn.Module) -> ModelIO:
+        return cls(model.state_dict, lambda sd: sd)
+
+
 def make_engine(dist_cfg: DistConfig, model: nn.Module, optimizer, device: torch.device, world_size: int, *,
-                micro_batch: int, accum_steps: int, clip_grad: float, autocast: torch.dtype | None = None):  # fmt: skip
+                micro_batch: int, accum_steps: int, clip_grad: float, autocast: torch.dtype | None = None,
+                model_state=None, own_model_state=None):  # fmt: skip
     """DeepSpeed when the launch or `dist.engine` asks for it, else one plain process; same interface.
-    autocast: the dtype training runs its forward in (fp16 needs loss scaling)."""
+    autocast: the dtype training runs its forward in (fp16 needs loss scaling). model_state / own_model_state: the
+    task's layout of its weights in a checkpoint (`ModelIO`; default: the model's own state dict)."""
+    io = ModelIO(model_state, own_model_state) if model_state is not None else ModelIO.plain(model)
     if uses_deepspeed(dist_cfg, world_size):
         if autocast == torch.float16:
             raise ConfigError(
@@ -229,9 +259,10 @@ def make_engine(dist_cfg: DistConfig, model: nn.Module, optimizer, device: torch
                 "use train.autocast=bfloat16, or train.autocast=off with an fp16 DeepSpeed config"
             )
         return DeepSpeedEngine(dist_cfg, model, optimizer, device, micro_batch=micro_batch, accum_steps=accum_steps,
-                               clip_grad=clip_grad)  # fmt: skip
+                               clip_grad=clip_grad, model_io=io)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
-    return LocalEngine(model, optimizer, accum_steps=accum_steps, clip_grad=clip_grad, grad_scaler=scaler)
+    return LocalEngine(model, optimizer, accum_steps=accum_steps, clip_grad=clip_grad, grad_scaler=scaler,
+                       model_io=io)  # fmt: skip
 
 
 def partition_teacher(module: nn.Module, dtype: torch.dtype, backend: str = "auto") -> nn.Module:
@@ -273,8 +304,6 @@ def dist_size() -> int:
 
 
 class DeepSpeedEngine:
-    kind = "deepspeed"
-
     def __init__(
         self,
         dist_cfg: DistConfig,
@@ -285,6 +314,7 @@ class DeepSpeedEngine:
         micro_batch: int,
         accum_steps: int,
         clip_grad: float,
+        model_io: ModelIO | None = None,
     ):
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed picks its accelerator
@@ -303,9 +333,10 @@ class DeepSpeedEngine:
         )  # fmt: skip
         self.zero_stage = self.config.get("zero_optimization", {}).get("stage", 0)
         self.model = model
-        # Parameter names in the optimizer's order, taken before ZeRO-3 replaces the parameters by empty shards
-        # (the grouping looks at their shapes).
-        self.group_names = _group_names(model)
+        self.io = model_io or ModelIO.plain(model)
+        # Parameter names in the optimizer's order, taken before ZeRO-3 replaces the parameters by empty shards.
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.group_names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         # The client optimizer is PyTorch's fused AdamW: DeepSpeed's own Adam would JIT-build fused_adam / cpu_adam.
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=_StudentStep(model), optimizer=optimizer, config=self.config
@@ -377,29 +408,34 @@ class DeepSpeedEngine:
         (path / f"shard-rank{self.rank}.json").write_text(json.dumps(self.shard_sizes()))  # what this rank holds
         self.barrier()
         if self.rank == 0:
-            files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file() and f.name != META}
+            files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file() and f.name != ckpt.META}
             meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage, "run_id": run_id,
                     "files": files}  # fmt: skip
-            ckpt.write_json_atomic(meta, path / META)
-            ours = [d for _, d in list_ds_checkpoints(out_dir) if read_meta(d).get("run_id") == run_id]
+            ckpt.write_json_atomic(meta, path / ckpt.META)
+            ours = [d for _, d in ckpt.list_ds_checkpoints(out_dir) if ckpt.read_meta(d).get("run_id") == run_id]
             for old in ours[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
         return path
 
     def load(self, path: Path) -> dict:
-        """Resume on the same number of ranks; returns the client state (step, config, ...)."""
-        meta = read_meta(path)
-        if meta["world_size"] != self.world_size:
-            raise ValueError(f"{path} was saved on {meta['world_size']} ranks, this run has {self.world_size}")
-        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        rng = path / f"rng-rank{self.rank}.pt"
-        if rng.exists():
-            ckpt.set_rng_state(torch.load(rng, weights_only=True))
-        return client
-
-    def same_world(self, path: Path) -> bool:
-        return read_meta(path)["world_size"] == self.world_size
+        """A DeepSpeed checkpoint saved on this many ranks resumes as saved (sharded weights, optimizer, this rank's
+        RNG); any other checkpoint (another rank count, or one process) is read whole (`read_checkpoint`) and
+        resharded into this run's shards. Returns the client state (step, config, ...)."""
+        path = Path(path)
+        if ckpt.is_ds_checkpoint(path) and ckpt.read_meta(path)["world_size"] == self.world_size:
+            why = ckpt.verify_ds_checkpoint(path)
+            if why is not None:
+                raise ckpt.CheckpointError(f"{path}: {why}")
+            _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+            rng = path / f"rng-rank{self.rank}.pt"
+            if rng.exists():
+                ckpt.set_rng_state(torch.load(rng, weights_only=True))
+            return client
+        state = ckpt.read_checkpoint(path)
+        self.load_full({**state, "model": self.io.own(state["model"])})
+        log.info("%s: resharded onto %d ranks", path, self.world_size)
+        return state
 
     def load_full(self, state: dict) -> None:
         """Weights and Adam moments from a one-process (or consolidated) checkpoint, into this run's shards."""
@@ -464,67 +500,8 @@ def _base(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _group_names(model: nn.Module) -> list[list[str]]:
-    """Parameter names in the optimizer's order (the two groups of `optim.param_groups`)."""
-    from amd_fast.optim import param_groups
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
-
-
 # ---------------------------------------------------------------------------------------------
 # finding and consolidating DeepSpeed checkpoints (no process group needed)
-
-
-def read_meta(path: Path) -> dict:
-    return json.loads((Path(path) / META).read_text())
-
-
-def list_ds_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """Complete DeepSpeed checkpoint directories (meta.json present), oldest first."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _DIR_NAME.match(p.name)) and (p / META).exists()]
-    return sorted(found)
-
-
-def verify_ds_checkpoint(path: Path) -> str | None:
-    """Why a DeepSpeed checkpoint directory cannot be resumed from, or None when its files match meta.json."""
-    try:
-        files = read_meta(path).get("files")
-    except (OSError, ValueError) as e:
-        return f"unreadable {META} ({e})"
-    for name, size in (files or {}).items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} is {f.stat().st_size} bytes, {META} says {size} (cut short or overwritten)"
-    return None
-
-
-def find_resume(directory: str | Path) -> Path | None:
-    """The newest checkpoint of either kind that verifies: `checkpoint-N.pt` (one process; its record's size and
-    SHA-256) or `checkpoint-N/` (DeepSpeed; meta.json's file sizes). A damaged one is named, with why, and the
-    next older one is tried."""
-    found = sorted(ckpt.list_checkpoints(directory) + list_ds_checkpoints(directory), reverse=True)
-    for _, path in found:
-        why = verify_ds_checkpoint(path) if is_ds_checkpoint(path) else ckpt.verify_file(path)
-        if why is None:
-            return path
-        log.warning("not resuming from %s: %s; trying an older checkpoint", path, why)
-    return None
-
-
-def is_ds_checkpoint(path: str | Path) -> bool:
-    return Path(path).is_dir()
-
-
-def weights_source(path: str | Path):
-    """What `checkpoint_io.read_state_dict` reads: a file path as it is (official files included), a DeepSpeed
-    directory consolidated into the one-process checkpoint dict first."""
-    return consolidate(path) if is_ds_checkpoint(path) else path
 
 
 _PREFIX = "student."  # the key prefix of _StudentStep
@@ -541,7 +518,7 @@ def consolidate(path: str | Path) -> dict:
     from deepspeed.utils import zero_to_fp32 as z
 
     path = Path(path)
-    meta = read_meta(path)
+    meta = ckpt.read_meta(path)
     # rank 0's module file holds the client state (ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt)
     name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if meta["zero_stage"] == 3 else "mp_rank_00_model_states.pt"
     top_file = path / name

@@ -22,7 +22,6 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 import torch  # noqa: E402
 
 from amd_fast import checkpoint as ckpt  # noqa: E402
-from amd_fast.engine import consolidate, is_ds_checkpoint  # noqa: E402
 
 
 def default_destination(src: str | Path) -> Path:
@@ -33,7 +32,7 @@ def default_destination(src: str | Path) -> Path:
 
 def export_student(src: str | Path, dst: str | Path | None = None) -> Path:
     """Training checkpoint (file or DeepSpeed directory) -> `dst` with {"model", "step", "config", "meta"}."""
-    state = consolidate(src) if is_ds_checkpoint(src) else torch.load(src, map_location="cpu", weights_only=True)
+    state = ckpt.read_checkpoint(src)
     out = {
         "model": {k: v.float().contiguous() for k, v in state["model"].items()},
         "step": state["step"],

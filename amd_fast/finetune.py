@@ -18,12 +18,9 @@ import contextlib
 import json
 import logging
 import math
-import random
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -32,16 +29,21 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amd_fast import checkpoint as ckpt  # noqa: E402
-from amd_fast.attention import select_backend  # noqa: E402
-from amd_fast.config import ConfigError, FinetuneRunConfig, load_config, to_dict  # noqa: E402
-from amd_fast.data import DATASETS, EpochSampler, FileClips, SkipLog, build_dataset, collate_clips, file_worker_init  # noqa: E402  # noqa: E402
-from amd_fast.device import autocast_dtype, default_device, use_fused_adamw  # noqa: E402
-from amd_fast.engine import dist_env, find_resume, is_ds_checkpoint, make_engine, weights_source  # noqa: E402
-from amd_fast.models import checkpoint_io  # noqa: E402
+from amd_fast.config import ConfigError, FinetuneRunConfig, load_config  # noqa: E402
+from amd_fast.data import (  # noqa: E402
+    DATASETS,
+    EpochSampler,
+    FileClips,
+    SkipLog,
+    build_dataset,
+    collate_clips,
+    file_worker_init,
+)
+from amd_fast.engine import dist_env  # noqa: E402
+from amd_fast.models.checkpoint_io import CheckpointError  # noqa: E402
 from amd_fast.models.classifier import VideoClassifier, layer_decay_groups, load_classifier  # noqa: E402
 from amd_fast.models.vit import build_encoder  # noqa: E402
-from amd_fast.optim import lr_at, scaled_lrs  # noqa: E402
-from amd_fast.trainer import setup_logging  # noqa: E402
+from amd_fast.trainer import Trainer, setup_logging  # noqa: E402
 
 log = logging.getLogger("amd_fast.finetune")
 
@@ -105,102 +107,71 @@ def num_classes_for(cfg: FinetuneRunConfig, dataset) -> int:
     return max(e.label for e in dataset.entries) + 1  # file lists: labels 0..C-1
 
 
-class Finetuner:
-    """Fine-tuning loop: `train()` -> `train_step()`; `evaluate()` for multi-view testing."""
+class ClassifyTask:
+    """Fine-tuning as a task of the training loop (amd_fast/trainer.py): a classifier on a pre-trained encoder,
+    soft-target cross-entropy with mixup / cutmix, layer-wise LR decay, multi-view evaluation."""
 
-    def __init__(self, cfg: FinetuneRunConfig, device: torch.device | None = None, rank: int = 0, world_size: int = 1):
-        self.cfg = cfg
-        self.device = device or default_device()
-        self.rank, self.world_size = rank, world_size
-        d, f, t, o = cfg.data, cfg.finetune, cfg.train, cfg.optim
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        torch.manual_seed(t.seed)
-        np.random.seed(t.seed + rank)
-        random.seed(t.seed + rank)
-        self.out_dir = Path(t.output_dir)
-        if rank == 0 and not f.eval_only:  # a used folder is only reused when told; stale temporary files go
-            ckpt.prepare_output_dir(self.out_dir, t.resume, t.overwrite)
-            ckpt.run_id(self.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint_io.trust(t.unsafe_pickle)
-
+    def __init__(self, cfg: FinetuneRunConfig, device: torch.device, rank: int, world_size: int):
+        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
+        d, f, t = cfg.data, cfg.finetune, cfg.train
         common = dict(root=d.root, input_size=d.input_size, num_frames=d.num_frames, prefix=d.prefix,
                       sampling=d.sampling, frame_stride=d.frame_stride, decoder=d.decoder,
                       invert_prob=d.invert_prob)  # fmt: skip
-        self.train_set = None
+        self.dataset = None
         if not f.eval_only:
-            self.train_set = build_dataset(
-                d.dataset,
-                split="train",
-                seed=t.seed,
-                train=True,
-                size=d.size,
-                list_file=d.list_file,
-                min_crop_scale=d.min_crop_scale,
-                **common,
-            )
-        test_list = f.test_list or d.list_file
-        test_root = f.test_root or d.root
+            self.dataset = build_dataset(d.dataset, split="train", seed=t.seed, train=True, size=d.size,
+                                         list_file=d.list_file, min_crop_scale=d.min_crop_scale, **common)  # fmt: skip
         # the test clips are the same for every run (their own fixed seed), whatever train.seed is
         self.test_set = build_dataset(
-            d.dataset, **{**common, "root": test_root}, split="test", seed=f.test_seed, train=False,
-            size=f.eval_size, list_file=test_list, test_views=(f.test_clips, f.test_crops),
+            d.dataset, **{**common, "root": f.test_root or d.root}, split="test", seed=f.test_seed, train=False,
+            size=f.eval_size, list_file=f.test_list or d.list_file, test_views=(f.test_clips, f.test_crops),
         )  # fmt: skip
-        self.num_classes = num_classes_for(cfg, self.train_set or self.test_set)
+        self.num_classes = num_classes_for(cfg, self.dataset or self.test_set)
         self.views = f.test_clips * f.test_crops
-
         encoder = build_encoder(cfg.model, img_size=d.input_size, num_frames=d.num_frames)
         self.model = VideoClassifier(encoder, self.num_classes, f.head_init_scale)
         if f.init:
-            load_classifier(self.model, weights_source(f.init))
-        self.model.to(self.device)
+            load_classifier(self.model, ckpt.weights_source(f.init))
+        self.model.to(device)
         self.objective = ClassifyObjective(self.model, f, self.num_classes)
+        self.skips = SkipLog(self.dataset.describe) if isinstance(self.dataset, FileClips) else None
+        self.flops, self.tokens_per_clip = None, encoder.num_patches
 
-        self.global_batch = d.batch_size * o.accum_steps * world_size
-        self.lr, self.min_lr, self.warmup_lr = scaled_lrs(o, self.global_batch)
-        groups = layer_decay_groups(self.model, o.weight_decay, f.layer_decay)
-        self.autocast = autocast_dtype(t.autocast, self.device)
-        select_backend(cfg.model.attn_backend, self.device, self.autocast or torch.float32)  # a forced one fails here
-        fused = use_fused_adamw(o.fused, self.device)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
-        self.engine = make_engine(
-            cfg.dist, self.model, self.optimizer, self.device, world_size,
-            micro_batch=d.batch_size, accum_steps=o.accum_steps, clip_grad=o.clip_grad, autocast=self.autocast,
-        )  # fmt: skip
-        self.step = 0
-        self.skips = SkipLog(self.train_set.describe) if isinstance(self.train_set, FileClips) else None
-        log.info(
-            "finetune: %s, %d classes, %.2fM params, init %s; global batch %d, lr %.3g, layer decay %.2f, "
-            "drop path %.2f, mixup %.2f / cutmix %.2f, smoothing %.2f; test %d x %d views",
-            cfg.model.arch, self.num_classes, sum(p.numel() for p in self.model.parameters()) / 1e6,
-            f.init or "none (scratch)", self.global_batch, self.lr, f.layer_decay, cfg.model.drop_path,
-            f.mixup, f.cutmix, f.label_smoothing, f.test_clips, f.test_crops,
-        )  # fmt: skip
-        if t.resume and not f.eval_only:
-            self.resume(t.resume)
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return layer_decay_groups(self.model, weight_decay, self.cfg.finetune.layer_decay)
 
-    # -- data ------------------------------------------------------------------------------------
+    def model_state(self) -> dict:
+        return self.model.export_state_dict()  # VideoMAE's fine-tuned layout: official evaluators read it
 
-    def _autocast(self):
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast)
+    def own_model_state(self, state: dict) -> dict:
+        own = self.model.state_dict()
+        return {(k if k in own else "encoder." + k): v for k, v in state.items()}
 
-    def batches(self):
+    def describe(self) -> str:
+        f, cfg = self.cfg.finetune, self.cfg
+        return (f"finetune: {cfg.model.arch}, {self.num_classes} classes, "
+                f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, init "
+                f"{f.init or 'none (scratch)'}, layer decay {f.layer_decay:.2f}, drop path {cfg.model.drop_path:.2f}, "
+                f"mixup {f.mixup:.2f} / cutmix {f.cutmix:.2f}, smoothing {f.label_smoothing:.2f}; test "
+                f"{f.test_clips} x {f.test_crops} views")  # fmt: skip
+
+    def eval_due(self, step: int) -> bool:
+        return bool(self.cfg.finetune.eval_interval) and step % self.cfg.finetune.eval_interval == 0
+
+    def batches(self, step: int):
         d = self.cfg.data
-        n = len(self.train_set)
+        n = len(self.dataset)
         sampler = EpochSampler(n, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world_size)
         per_epoch = sampler.num_per_rank // d.batch_size
         if per_epoch == 0:
             raise ValueError(f"data.batch_size={d.batch_size} > this rank's {sampler.num_per_rank} training samples")
-        epoch, start = divmod(self.step * self.cfg.optim.accum_steps, per_epoch)
-        files = isinstance(self.train_set, FileClips)
+        epoch, start = divmod(step * self.cfg.optim.accum_steps, per_epoch)
+        files = isinstance(self.dataset, FileClips)
         while True:
             sampler.set_epoch(epoch)
             sampler.set_start(start * d.batch_size)
             loader = DataLoader(
-                self.train_set, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers, drop_last=True,
+                self.dataset, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers, drop_last=True,
                 collate_fn=collate_clips if files else None, prefetch_factor=4 if d.num_workers else None,
                 worker_init_fn=file_worker_init if d.num_workers and files else None,
                 generator=torch.Generator(),  # the loader's base seed must not draw from the (checkpointed) global RNG
@@ -209,61 +180,10 @@ class Finetuner:
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in ("video", "label")}
             epoch, start = epoch + 1, 0
 
-    # -- training --------------------------------------------------------------------------------
-
-    def train_step(self, micro_batches) -> torch.Tensor | None:
-        t = self.cfg.train
-        lr = lr_at(self.step, t.steps, t.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
-        self.engine.set_lr(lr)  # layer-wise decay: each group at its `lr_scale` of the schedule
-        total = None
-        for batch in micro_batches:
-            with self._autocast():
-                loss, _ = self.engine.forward(self.objective, batch)
-            self.engine.backward(loss)
-            total = loss.detach() if total is None else total + loss.detach()
-        finite = self.engine.step(total)
-        self.step += 1
-        if not finite:
-            log.warning("step %d: non-finite loss or gradient, step skipped", self.step)
-            return None
-        return total / len(micro_batches)
-
-    def train(self) -> dict:
-        t, f = self.cfg.train, self.cfg.finetune
-        if f.eval_only:
-            return self.evaluate()
-        it = self.batches()
-        window, n, steps, t0, wait = 0.0, 0, 0, time.perf_counter(), 0.0
-        while self.step < t.steps:
-            tw = time.perf_counter()
-            micro = [next(it) for _ in range(self.cfg.optim.accum_steps)]
-            wait += time.perf_counter() - tw
-            loss = self.train_step(micro)
-            steps += 1
-            if loss is not None:
-                window, n = window + loss, n + 1
-            if self.step % t.log_interval == 0 or self.step == t.steps:
-                rec = self.engine.reduce_metrics({"loss": window}, n)  # the host sync of the interval
-                dt = time.perf_counter() - t0
-                log.info("finetune step %d/%d | loss %.4f | lr %.2e | %.1f clips/s | data wait %.0f%%", self.step,
-                         t.steps, rec.get("loss", float("nan")), self.optimizer.param_groups[-1]["lr"],
-                         steps * self.global_batch / dt, 100 * wait / dt)  # fmt: skip
-                window, n, steps, t0, wait = 0.0, 0, 0, time.perf_counter(), 0.0
-            if f.eval_interval and self.step % f.eval_interval == 0 and self.step != t.steps:
-                self.evaluate()
-            if self.step % t.save_interval == 0 or self.step == t.steps:
-                self.save()
-        result = self.evaluate()
-        if self.skips is not None:
-            log.info("run data summary: %s", self.skips.summary())
-        return result
-
-    # -- evaluation ------------------------------------------------------------------------------
-
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, trainer) -> dict:
         """Multi-view test: softmax per view, averaged per video; top-1 / top-5 over this rank's share, summed
-        over ranks."""
+        over ranks; appended to <output_dir>/eval.json."""
         f = self.cfg.finetune
         ds = self.test_set
         files = isinstance(ds, FileClips)
@@ -280,6 +200,7 @@ class Finetuner:
         self.model.eval()
         c1 = c5 = count = 0
         skipped = seen = 0
+        ac = trainer.autocast
         for batch in loader:
             video, labels = batch["video"], batch["label"]
             skipped += len(batch.get("skipped", ()))
@@ -287,8 +208,8 @@ class Finetuner:
                 video = video.flatten(0, 1)
             elif files:  # clips of B items, V each, item after item
                 labels = labels[:: self.views]
-            with self._autocast():
-                logits = self.engine.forward(self.model, video.to(self.device))  # in the engine: ZeRO-3 gathers
+            with torch.autocast(self.device.type, dtype=ac) if ac else contextlib.nullcontext():
+                logits = trainer.engine.forward(self.model, video.to(self.device))  # in the engine: ZeRO-3 gathers
             probs = logits.float().softmax(-1).view(labels.shape[0], self.views, -1).mean(1)
             top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices.cpu()
             keep = real[seen : seen + labels.shape[0]]
@@ -297,11 +218,11 @@ class Finetuner:
             c5 += int(((top == labels[:, None]).any(-1) & keep).sum())
             count += int(keep.sum())
         self.model.train()
-        sums = self.engine.reduce_metrics({"c1": torch.tensor(float(c1)), "c5": torch.tensor(float(c5)),
-                                           "n": torch.tensor(float(count)), "skipped": torch.tensor(float(skipped))},
-                                          1)  # fmt: skip
+        sums = trainer.engine.reduce_metrics({"c1": torch.tensor(float(c1)), "c5": torch.tensor(float(c5)),
+                                              "n": torch.tensor(float(count)),
+                                              "skipped": torch.tensor(float(skipped))}, 1)  # fmt: skip
         res = {
-            "step": self.step,
+            "step": trainer.step,
             "top1": 100.0 * sums["c1"] / sums["n"],
             "top5": 100.0 * sums["c5"] / sums["n"],
             "videos": int(round(sums["n"] * self.world_size)),
@@ -309,48 +230,11 @@ class Finetuner:
             "skipped_test_files": int(round(sums["skipped"] * self.world_size)),
         }
         log.info("eval step %d: top-1 %.2f top-5 %.2f over %d test items, %d x %d views",
-                 self.step, res["top1"], res["top5"], res["videos"], f.test_clips, f.test_crops)  # fmt: skip
+                 trainer.step, res["top1"], res["top5"], res["videos"], f.test_clips, f.test_crops)  # fmt: skip
         if self.rank == 0:
-            with open(self.out_dir / "eval.json", "a") as fh:
+            with open(trainer.out_dir / "eval.json", "a") as fh:
                 fh.write(json.dumps(res) + "\n")
         return res
-
-    # -- checkpoints -----------------------------------------------------------------------------
-
-    def save(self) -> Path | None:
-        state = {"step": self.step, "config": to_dict(self.cfg), "meta": {"kind": "finetune", "world": self.world_size}}
-        rid = ckpt.run_id(self.out_dir)
-        if self.engine.kind == "deepspeed":
-            return self.engine.save(self.out_dir, self.step, state, self.cfg.train.keep_checkpoints, rid)
-        if self.rank != 0:
-            return None
-        state.update(model=self.model.export_state_dict(), optimizer=self.optimizer.state_dict(), rng=ckpt.rng_state(),
-                     engine=self.engine.state_dict())  # fmt: skip
-        path = ckpt.save_checkpoint(state, self.out_dir, self.step, rid, self.cfg.train.keep_checkpoints)
-        log.info("saved %s", path)
-        return path
-
-    def resume(self, where: str) -> None:
-        path = find_resume(self.out_dir) if where == "auto" else Path(where)
-        if path is None:
-            log.info("resume=auto: no checkpoint in %s, starting fresh", self.out_dir)
-            return
-        if is_ds_checkpoint(path):
-            if self.engine.kind != "deepspeed" or not self.engine.same_world(path):
-                raise ValueError(f"{path}: a DeepSpeed fine-tune checkpoint resumes on the same number of ranks")
-            self.step = self.engine.load(path)["step"]
-        else:
-            why = ckpt.verify_file(path)
-            if why is not None and ckpt.read_record(path) is not None:
-                raise ckpt.CheckpointError(f"{path}: {why}")
-            state = ckpt.load_file(path)
-            own = self.model.state_dict()
-            self.model.load_state_dict({(k if k in own else "encoder." + k): v for k, v in state["model"].items()})
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.engine.load_state_dict(state.get("engine", {}))
-            ckpt.set_rng_state(state["rng"])
-            self.step = state["step"]
-        log.info("resumed from %s at step %d", path, self.step)
 
 
 def parse_args(argv=None):
@@ -389,11 +273,15 @@ def main(argv=None) -> int:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     try:
-        finetuner = Finetuner(cfg, device, rank, world_size)
-    except checkpoint_io.CheckpointError as e:
+        trainer = Trainer(cfg, device, rank, world_size)
+    except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res = finetuner.train()
+    if cfg.finetune.eval_only:
+        res = trainer.evaluate()
+    else:
+        trainer.train()
+        res = trainer.evaluation
     if rank == 0:
         print(json.dumps(res))
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from amd_fast.models.vit import flops_block
+from amd_fast.objectives import OBJECTIVES
 
 
 @dataclass
@@ -56,7 +57,7 @@ def step_flops(model, teacher, counts: dict[str, int], objective: str, batch_siz
     if teacher is not None:
         te = teacher.encoder
         d_t = te.embed_dim
-        n_t = (v_s + dl if objective == "amd" else v_s) + te.num_prefix
+        n_t = (v_s + dl if OBJECTIVES[objective].uses_delta else v_s) + te.num_prefix
         t = _encoder(n_t, d_t, max(teacher.layers), k_in, te.blocks[0].mlp.fc1.out_features / d_t)
         n_pairs = len(teacher.layers)
         heads = n_pairs * 2.0 * v_s * d * d_t

@@ -124,9 +124,21 @@ class FrozenTeacher:
 
 
 class MAEObjective:
-    """Plain (Video)MAE: reconstruct the student-masked tokens. Also how a teacher is trained."""
+    """Plain (Video)MAE: reconstruct the student-masked tokens. Also how a teacher is trained.
+
+    What an objective needs is declared here, and the builders, the masks, the FLOP count and the config checks ask
+    it: `needs_teacher` (a frozen teacher, aligned layer pairs, projection heads), `uses_delta` (the teacher also
+    sees the Delta tokens: AMD's asymmetric mask), `has_generators` (AMD's generators of the teacher-only tokens).
+    """
 
     needs_teacher = False
+    uses_delta = False
+    has_generators = False
+
+    @staticmethod
+    def head_kind(cfg) -> str:
+        """The projection heads' kind (models/pretrain.py) for an objective that aligns features."""
+        return cfg.dmae_head
 
     def __init__(self, model: PretrainModel, cfg, teacher: FrozenTeacher | None = None):
         self.model, self.cfg, self.teacher = model, cfg, teacher
@@ -158,6 +170,12 @@ class AMDObjective(MAEObjective):
     """
 
     needs_teacher = True
+    uses_delta = True
+    has_generators = True
+
+    @staticmethod
+    def head_kind(cfg) -> str:
+        return "amd"
 
     def __call__(self, batch):
         ids_s, ids_d = batch["ids_vis_s"], batch["ids_delta"]

@@ -29,13 +29,13 @@ except ImportError:  # a checkout that was never `pip install -e .`-ed: load the
     _kernels = _load_checkout_kernels()
 
 
-def gather_tokens(x_BND: torch.Tensor, ids_BV: torch.Tensor, pos_ND: torch.Tensor | None = None) -> torch.Tensor:
-    """`out[b, j] = x[b, ids[b, j]] (+ pos[ids[b, j]])` -> [B, V, D].
+def gather_tokens(x_BND: torch.Tensor, ids_BV: torch.Tensor) -> torch.Tensor:
+    """`out[b, j] = x[b, ids[b, j]]` -> [B, V, D].
 
     Never builds a [B, V, D] index tensor (the reference code uses `.repeat(1, 1, D)`); the backward is a
     scatter-add into [B*N, D]. Any width and dtype, int32 or int64 indices.
     """
-    return _kernels.gather_tokens(x_BND, ids_BV, pos_ND)
+    return _kernels.gather_tokens(x_BND, ids_BV)
 
 
 def gather_rows(table_ND: torch.Tensor, ids_BV: torch.Tensor, base_BVD: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from amd_fast.device import use_fused_adamw
-from amd_fast.models.pretrain import no_weight_decay_names
+from amd_fast.models.vit import no_weight_decay_names
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the reference parameter groups; fused where the device has the kernel (`use_fused_adamw`)."""
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(groups: list[dict], cfg, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over a task's parameter groups; fused where the device has the kernel (`use_fused_adamw`)."""
     fused = use_fused_adamw(cfg.fused, device)
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
-    log.info(
-        "optimizer: AdamW(fused=%s) lr=%.3g, %d decayed / %d non-decayed tensors",
-        fused,
-        lr,
-        len(groups[0]["params"]),
-        len(groups[1]["params"]),
-    )
+    log.info("optimizer: AdamW(fused=%s) lr=%.3g, %d groups, %d tensors", fused, lr, len(groups),
+             sum(len(g["params"]) for g in groups))  # fmt: skip
     return opt
 
 

@@ -35,7 +35,6 @@ from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.config import ConfigError, ProbeRunConfig, load_config, to_dict  # noqa: E402
 from amd_fast.data import DATASETS, FileClips, build_dataset, collate_clips  # noqa: E402
 from amd_fast.device import autocast_dtype  # noqa: E402
-from amd_fast.engine import weights_source  # noqa: E402
 from amd_fast.models.checkpoint_io import load_encoder, read_state_dict  # noqa: E402
 from amd_fast.models.vit import VisionTransformer, build_encoder  # noqa: E402
 from amd_fast.trainer import setup_logging  # noqa: E402
@@ -130,7 +129,7 @@ def build_probe_encoder(cfg: ProbeRunConfig) -> VisionTransformer | None:
     torch.manual_seed(cfg.train.seed)  # a random-init encoder is reproducible
     encoder = build_encoder(cfg.model, img_size=d.input_size, num_frames=d.num_frames)
     if p.init:
-        load_encoder(encoder, read_state_dict(weights_source(p.init)))
+        load_encoder(encoder, read_state_dict(ckpt.weights_source(p.init)))
     return encoder.eval()
 
 

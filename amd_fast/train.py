@@ -27,11 +27,12 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.build import teacher_pretrain_config  # noqa: E402
 from amd_fast.config import ConfigError, load_config  # noqa: E402
-from amd_fast.engine import dist_env, is_ds_checkpoint  # noqa: E402
+from amd_fast.engine import dist_env  # noqa: E402
 from amd_fast.export import export_student  # noqa: E402
 from amd_fast.launch import ensure_allocator  # noqa: E402
 from amd_fast.models import checkpoint_io  # noqa: E402
 from amd_fast.models.checkpoint_io import CheckpointError  # noqa: E402
+from amd_fast.objectives import OBJECTIVES  # noqa: E402
 from amd_fast.trainer import Trainer, setup_logging  # noqa: E402
 
 log = logging.getLogger("amd_fast.train")
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     if world_size > 1 and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if cfg.objective.name in ("amd", "dmae") and not cfg.teacher.checkpoint:
+    if OBJECTIVES[cfg.objective.name].needs_teacher and not cfg.teacher.checkpoint:
         if cfg.teacher.pretrain_steps <= 0:
             print("config error: teacher.checkpoint is empty and teacher.pretrain_steps=0; give a teacher "
                   "checkpoint or a number of mae steps to pre-train one", file=sys.stderr)  # fmt: skip
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         log.info("no teacher.checkpoint: pre-training a teacher with mae for %d steps", cfg.teacher.pretrain_steps)
         teacher_trainer = Trainer(teacher_pretrain_config(cfg), device, rank, world_size)
         teacher_path = teacher_trainer.train()
-        if is_ds_checkpoint(teacher_path):  # sharded: the teacher loader reads one file
+        if ckpt.is_ds_checkpoint(teacher_path):  # sharded: the teacher loader reads one file
             exported = teacher_path.with_name(teacher_path.name.replace("checkpoint-", "student-") + ".pt")
             if rank == 0:
                 export_student(teacher_path, exported)

@@ -24,10 +24,10 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the package importable from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.build import build_mask_generator, build_student  # noqa: E402
 from amd_fast.config import from_dict  # noqa: E402
 from amd_fast.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset  # noqa: E402
-from amd_fast.engine import consolidate, is_ds_checkpoint  # noqa: E402
 from amd_fast.masks import collate_masks  # noqa: E402
 from amd_fast.models.pretrain import PretrainModel  # noqa: E402
 from amd_fast.models.vit import patchify  # noqa: E402
@@ -121,7 +121,7 @@ def save_grid(out: dict, path: str | Path, frames: int = 4, title: str = "") -> 
 
 def visualize_checkpoint(src: str | Path, out_path: str | Path, samples: int = 4, frames: int = 4, seed: int = 0):
     """A pre-training checkpoint (file or DeepSpeed directory) -> a PNG grid on test items of its own data."""
-    state = consolidate(src) if is_ds_checkpoint(src) else torch.load(src, map_location="cpu", weights_only=True)
+    state = ckpt.read_checkpoint(src)
     cfg = from_dict(state["config"])
     d = cfg.data
     model = build_student(cfg.model, cfg.decoder, cfg.objective, cfg.teacher.model, img_size=d.input_size,

@@ -78,12 +78,7 @@ def worker(args) -> None:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     med, spread = median_spread(times)
-    if trainer.engine.kind == "deepspeed":
-        held = trainer.engine.shard_sizes()
-    else:
-        n = sum(p.numel() for p in trainer.model.parameters())
-        moments = sum(v.numel() for s in trainer.optimizer.state.values() for k, v in s.items() if k.startswith("exp"))
-        held = {"params_local": n, "moments_local": moments, "params_full": n}
+    held = trainer.engine.shard_sizes()
     res = {"rank": rank, "s_per_step": med, "spread": spread, "peak_rss_gib": peak_memory_bytes(device)
            / 2**30, "threads": threads, "global_batch": trainer.global_batch, **held}  # fmt: skip
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(res))

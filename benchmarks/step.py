@@ -50,6 +50,7 @@ def run_case(name: str, steps: int, warmup: int, threads: int, overrides: list[s
     from amd_fast.device import peak_memory_bytes
     from amd_fast.masks import collate_masks
     from amd_fast.models.vit import build_encoder
+    from amd_fast.objectives import OBJECTIVES
     from amd_fast.trainer import Trainer
 
     preset = CASES[name][0]
@@ -57,7 +58,7 @@ def run_case(name: str, steps: int, warmup: int, threads: int, overrides: list[s
     device = torch.device(device)
     d = cfg.data
     teacher = None
-    if cfg.objective.name in ("amd", "dmae"):  # random weights, in the precision training gives it (teacher.dtype)
+    if OBJECTIVES[cfg.objective.name].needs_teacher:  # random weights, in the precision teacher.dtype gives
         enc = build_encoder(cfg.teacher.model, img_size=d.input_size, num_frames=d.num_frames)
         teacher = make_frozen_teacher(enc.to(device), cfg.objective.teacher_layers, cfg.teacher.dtype, device)
     trainer = Trainer(cfg, device, teacher=teacher, with_data=False)

@@ -39,7 +39,6 @@ from amd_fast.config import (  # noqa: E402
     validate_finetune,
     validate_probe,
 )
-from amd_fast.finetune import Finetuner  # noqa: E402
 from amd_fast.launch import ensure_allocator  # noqa: E402
 from amd_fast.probe import PIXELS, run_probe  # noqa: E402
 from amd_fast.trainer import Trainer, setup_logging  # noqa: E402
@@ -171,7 +170,9 @@ def finetune(task: dict, budget: dict, arch: dict, init: str, out: Path) -> tupl
         res = json.loads(done.read_text().splitlines()[-1])
         if res["step"] == steps:
             return res, 0.0
-    res = Finetuner(cfg).train()
+    trainer = Trainer(cfg)
+    trainer.train()
+    res = trainer.evaluation
     return res, time.perf_counter() - t0
 
 

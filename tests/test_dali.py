@@ -137,7 +137,7 @@ def test_trainer_with_the_dali_loader_matches_the_torch_loader(media, tmp_path):
         cfg = load_config(None, TINY + [f"data.list_file={media['vp9']}", f"data.loader={loader}",
                                         f"train.output_dir={out}", "objective.norm_pix_loss=false"])  # fmt: skip
         trainer = Trainer(cfg)
-        assert (trainer.dali is not None) == (loader == "dali")
+        assert (trainer.task.dali is not None) == (loader == "dali")
         trainer.train()
         losses[loader] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses["dali"]) == 3

@@ -20,13 +20,14 @@ from amd_fast.config import (
 )
 from amd_fast.data import build_dataset
 from amd_fast.data.video import ClipSampler, view_crops
-from amd_fast.finetune import Finetuner, mix_batch, smooth_one_hot
 from amd_fast.finetune import main as finetune_main
+from amd_fast.finetune import mix_batch, smooth_one_hot
 from amd_fast.masks import collate_masks
 from amd_fast.models.checkpoint_io import read_state_dict
 from amd_fast.models.classifier import VideoClassifier, layer_decay_groups, load_classifier
 from amd_fast.models.vit import build_encoder, patchify
 from amd_fast.probe import LinearProbe, run_probe
+from amd_fast.trainer import NonFiniteLossError, Trainer
 from amd_fast.visualize import reconstruct, save_grid, unpatchify
 
 TINY_IMG = {"arch": "custom", "embed_dim": 48, "depth": 2, "num_heads": 2, "patch_size": 7, "tubelet_size": 1}
@@ -160,23 +161,24 @@ def test_finetune_learns_and_resumes_bit_identically(tmp_path, autocast):
     def ft_config(path, *more):  # the module's, in this precision
         return globals()["ft_config"](path, *more, f"train.autocast={autocast}")
 
-    learn = Finetuner(ft_config(tmp_path / "learn", "finetune.mixup=0", "finetune.cutmix=0", "optim.base_lr=2e-2",
+    learn = Trainer(ft_config(tmp_path / "learn", "finetune.mixup=0", "finetune.cutmix=0", "optim.base_lr=2e-2",
                                 "train.steps=200", "train.save_interval=200", "data.batch_size=64"))  # fmt: skip
-    res = learn.train()
+    learn.train()
+    res = learn.evaluation
     assert res["top1"] > 50.0, res  # 10 classes: chance is 10%
     assert json.loads((tmp_path / "learn" / "eval.json").read_text().splitlines()[-1])["top1"] == res["top1"]
 
     # with mixup / cutmix and drop path (all drawing from the global RNG): interrupted + resumed == uninterrupted
-    full = Finetuner(ft_config(tmp_path / "full", "finetune.mixup=0.8", "finetune.cutmix=1.0"))
+    full = Trainer(ft_config(tmp_path / "full", "finetune.mixup=0.8", "finetune.cutmix=1.0"))
     full.train()
 
-    part = Finetuner(ft_config(tmp_path / "part", "finetune.mixup=0.8", "finetune.cutmix=1.0", "train.steps=60",
+    part = Trainer(ft_config(tmp_path / "part", "finetune.mixup=0.8", "finetune.cutmix=1.0", "train.steps=60",
                                "train.save_interval=25"))  # fmt: skip
     it = part.batches()
     for _ in range(25):  # the first 25 steps, then the process "dies" after its checkpoint
         part.train_step([next(it)])
     part.save()
-    resumed = Finetuner(ft_config(tmp_path / "part", "finetune.mixup=0.8", "finetune.cutmix=1.0", "train.resume=auto"))
+    resumed = Trainer(ft_config(tmp_path / "part", "finetune.mixup=0.8", "finetune.cutmix=1.0", "train.resume=auto"))
     assert resumed.step == 25
     resumed.train()
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -184,7 +186,7 @@ def test_finetune_learns_and_resumes_bit_identically(tmp_path, autocast):
 
     # eval-only on the fine-tuned file reproduces the result
     ckpt = tmp_path / "learn" / "checkpoint-200.pt"
-    ev = Finetuner(ft_config(tmp_path / "ev", f"finetune.init={ckpt}", "finetune.eval_only=true")).train()
+    ev = Trainer(ft_config(tmp_path / "ev", f"finetune.init={ckpt}", "finetune.eval_only=true")).evaluate()
     assert ev["top1"] == res["top1"]
 
 
@@ -285,3 +287,17 @@ def test_a_missing_init_file_is_a_config_error(tmp_path):
         ft_config(tmp_path, "finetune.init=/no/such.pt")
     with pytest.raises(ConfigError, match="probe.init='/no/such.pt' does not exist"):
         load_config(None, ["probe.init=/no/such.pt"], root=ProbeRunConfig)
+
+
+def test_finetune_has_the_loop_s_non_finite_guard(tmp_path):
+    """Fine-tuning runs in the one training loop: a run whose loss goes NaN is stopped by the same guard, with the
+    same message naming the last good checkpoint (and TensorBoard / metrics / progress come with it)."""
+    trainer = Trainer(ft_config(tmp_path, "train.steps=30", "train.save_interval=5", "train.max_nonfinite_in_row=3",
+                                "train.tensorboard=true", "train.log_interval=5"))  # fmt: skip
+    real = trainer.objective
+    trainer.objective = lambda b: (lambda lp: (lp[0] * (float("nan") if trainer.step >= 12 else 1.0), lp[1]))(real(b))
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite steps in a row .* weights of step 12\. The newest "
+                       r"checkpoint from before it: .*checkpoint-10\.pt; --resume auto continues from it"):  # fmt: skip
+        trainer.train()
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [5, 10]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -12,30 +12,32 @@ import pytest
 import torch
 from amd_fast.kernels import backend as kb
 
+from amd_fast.build import make_frozen_teacher
 from amd_fast.config import load_config
 from amd_fast.masks import collate_masks
 from amd_fast.models.vit import build_encoder
-from amd_fast.objectives import FrozenTeacher
 from amd_fast.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "decoder.embed_dim=32", "decoder.depth=1",
     "decoder.num_heads=2", "teacher.model.embed_dim=48", "teacher.model.depth=2", "teacher.model.num_heads=2",
-    "objective.student_layers=[1,2]", "objective.teacher_layers=[1,2]", "data.batch_size=4", "train.steps=4",
+    "objective.student_layers=[1,2]", "objective.teacher_layers=[1,2]", "data.batch_size=4",
     "train.warmup_steps=1", "train.tensorboard=false", "train.progress=false", "train.threads=2",
 ]  # fmt: skip
 
 
-def _run(tmp_path, kernels: str, objective: str, autocast: str = "off") -> list[dict]:
+def _run(tmp_path, kernels: str, objective: str, autocast: str = "off", teacher_dtype: str = "float32",
+         steps: int = 4) -> list[dict]:  # fmt: skip
     extra = ["objective.name=dmae", "objective.dmae_distance=l2"] if objective == "dmae" else []
     extra += ["objective.name=mae"] if objective == "mae" else []
-    extra += [f"objective.kernels={kernels}", f"train.output_dir={tmp_path / kernels}", f"train.autocast={autocast}"]
+    extra += [f"objective.kernels={kernels}", f"train.output_dir={tmp_path / kernels}", f"train.autocast={autocast}",
+              f"train.steps={steps}"]  # fmt: skip
     cfg = load_config(ROOT / "configs/tiny_video_amd.yaml", SMALL + extra)
     torch.manual_seed(0)
     d = cfg.data
     enc = build_encoder(cfg.teacher.model, img_size=d.input_size, num_frames=d.num_frames)
-    teacher = FrozenTeacher(enc, cfg.objective.teacher_layers, torch.float32)
+    teacher = make_frozen_teacher(enc, cfg.objective.teacher_layers, teacher_dtype, torch.device("cpu"))
     trainer = Trainer(cfg, torch.device("cpu"), teacher=teacher, with_data=False)
     g = torch.Generator().manual_seed(1)
     out = []

@@ -17,18 +17,14 @@ from amd_fast.kernels import alignment_loss_reference, fused_alignment_loss
 from amd_fast.kernels import backend as kb
 from amd_fast.kernels.gather import gather_rows, gather_tokens
 from test_kernels import BACKENDS, CONFIGS, _align_inputs, _close
-from test_kernels_e2e import ROOT, SMALL
 from test_kernels_e2e import _run as _e2e_run
 from test_train import TINY, read_metrics
 
 from amd_fast import attention, device
 from amd_fast.build import make_frozen_teacher
-from amd_fast.config import load_config
 from amd_fast.data import dali
-from amd_fast.masks import collate_masks
-from amd_fast.models.vit import Mlp, VisionTransformer, build_encoder, mlp_recompute_gelu
+from amd_fast.models.vit import Mlp, VisionTransformer, mlp_recompute_gelu
 from amd_fast.train import main
-from amd_fast.trainer import Trainer
 
 LOW = [torch.bfloat16, torch.float16]
 
@@ -346,28 +342,9 @@ def test_teacher_dtypes_give_the_fp32_teachers_targets(tmp_path, teacher_dtype, 
     losses (same student weights and batch: only the targets differ) within 2% (bf16 teacher: 2^-9 rounding of
     its weights and activations through 2 blocks) / 10% (int8: per-tensor int8 weights and activations, a
     documented change of the math); the runs train (finite losses, 3 steps)."""
-    ref = _teacher_run(tmp_path / "fp32", "float32", autocast)
-    low = _teacher_run(tmp_path / teacher_dtype, teacher_dtype, autocast)
+    ref = _e2e_run(tmp_path / "fp32", "auto", "amd", autocast, "float32", steps=3)
+    low = _e2e_run(tmp_path / teacher_dtype, "auto", "amd", autocast, teacher_dtype, steps=3)
     tol = {"bfloat16": 2e-2, "int8": 1e-1}[teacher_dtype]
     assert all(math.isfinite(v) for r in low for v in r.values())
     for k in ("dir", "gen"):
         assert low[0][k] == pytest.approx(ref[0][k], rel=tol), (k, low[0][k], ref[0][k])
-
-
-def _teacher_run(out, teacher_dtype, autocast):
-    cfg = load_config(ROOT / "configs/tiny_video_amd.yaml", [*SMALL, f"train.output_dir={out}", "train.steps=3",
-                                                              f"train.autocast={autocast}"])  # fmt: skip
-    torch.manual_seed(0)
-    d = cfg.data
-    enc = build_encoder(cfg.teacher.model, img_size=d.input_size, num_frames=d.num_frames)
-    for p in enc.parameters():  # a teacher with features of some size (init leaves LayerNorms at 1 / 0)
-        torch.nn.init.normal_(p, std=0.05)
-    teacher = make_frozen_teacher(enc, cfg.objective.teacher_layers, teacher_dtype, torch.device("cpu"))
-    trainer = Trainer(cfg, torch.device("cpu"), teacher=teacher, with_data=False)
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(cfg.train.steps):
-        b = collate_masks([trainer.masks(g) for _ in range(d.batch_size)])
-        b["video"] = torch.randn(d.batch_size, 3, d.num_frames, d.input_size, d.input_size, generator=g)
-        out.append({k: v.item() for k, v in trainer.train_step([b]).items()})
-    return out

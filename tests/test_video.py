@@ -314,7 +314,7 @@ def test_trainer_on_files_with_broken_ones_completes_and_reports(broken, tmp_pat
     lst, names = broken
     cfg = load_config(None, VIDEO_TINY + [f"data.list_file={lst}", f"train.output_dir={tmp_path}", "train.steps=8"])
     trainer = Trainer(cfg)
-    assert trainer.files_per_batch == 4 and trainer.global_batch == 8  # the batch counts clips (4 files x 2)
+    assert trainer.task.files_per_batch == 4 and trainer.global_batch == 8  # the batch counts clips (4 files x 2)
     batch = next(trainer.batches())
     assert batch["video"].shape == (8, 3, 4, 16, 16)
     with caplog.at_level(logging.INFO):

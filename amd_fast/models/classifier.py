@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from amd_fast.models.checkpoint_io import LoadReport, load_encoder, read_state_dict
-from amd_fast.models.vit import LN_EPS, VisionTransformer, patchify
+from amd_fast.models.vit import LN_EPS, VisionTransformer, no_weight_decay_names, patchify
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,15 @@ def layer_id(name: str, depth: int) -> int:
 
 def layer_decay_groups(model: VideoClassifier, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups per (layer, decay or not), each with `lr_scale` = layer_decay ** (depth + 1 - layer id).
-    No weight decay on 1-D tensors, biases and tokens (as in pre-training)."""
+    No weight decay where pre-training has none (`no_weight_decay_names`)."""
     depth = model.encoder.depth
+    skip = no_weight_decay_names(model)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lid = layer_id(name, depth)
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name.endswith("token")
+        no_decay = name in skip
         wd = 0.0 if no_decay else weight_decay
         g = groups.setdefault(
             (lid, no_decay), {"params": [], "weight_decay": wd, "lr_scale": layer_decay ** (depth + 1 - lid)}

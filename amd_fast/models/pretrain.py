@@ -125,12 +125,3 @@ class PretrainModel(nn.Module):
         x = gather_rows(self.teacher_pos_embed, ids_vis_BV, z_BVT)
         m = g.mask_token + gather_rows(self.teacher_pos_embed, ids_delta_BD)
         return g(torch.cat((x, m), dim=1), n_out=ids_delta_BD.shape[1])
-
-
-def no_weight_decay_names(model: nn.Module) -> set[str]:
-    """Parameters without weight decay, as the reference groups: 1-D tensors, biases, tokens, tables."""
-    skip = set()
-    for name, p in model.named_parameters():
-        if p.ndim <= 1 or name.endswith(".bias") or name.endswith("token") or "pos_embed" in name:
-            skip.add(name)
-    return skip

@@ -326,3 +326,13 @@ def flops_block(n_q: int, n_kv: int, dim: int, mlp_ratio: float = 4.0) -> float:
     linear = 2 * n_q * dim * dim + 2 * 2 * n_kv * dim * dim + 2 * n_q * dim * dim + 2 * 2 * n_q * dim * hidden
     attn = 2 * 2 * n_q * n_kv * dim
     return float(linear + attn)
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameters without weight decay, as the reference groups: 1-D tensors, biases, tokens, tables. The one rule
+    for pre-training and fine-tuning (optim.param_groups, classifier.layer_decay_groups)."""
+    skip = set()
+    for name, p in model.named_parameters():
+        if p.ndim <= 1 or name.endswith(".bias") or name.endswith("token") or "pos_embed" in name:
+            skip.add(name)
+    return skip
