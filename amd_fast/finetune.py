@@ -13,7 +13,6 @@ and `eval.json`. Out of memory? Lower `data.batch_size` and raise `optim.accum_s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -29,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amd_fast import checkpoint as ckpt  # noqa: E402
-from amd_fast.config import ConfigError, FinetuneRunConfig, load_config  # noqa: E402
+from amd_fast.config import FinetuneRunConfig  # noqa: E402
 from amd_fast.data import (  # noqa: E402
     DATASETS,
     EpochSampler,
@@ -39,11 +38,10 @@ from amd_fast.data import (  # noqa: E402
     collate_clips,
     file_worker_init,
 )
-from amd_fast.engine import dist_env  # noqa: E402
 from amd_fast.models.checkpoint_io import CheckpointError  # noqa: E402
 from amd_fast.models.classifier import VideoClassifier, layer_decay_groups, load_classifier  # noqa: E402
 from amd_fast.models.vit import build_encoder  # noqa: E402
-from amd_fast.trainer import Trainer, setup_logging  # noqa: E402
+from amd_fast.trainer import Trainer, command_line  # noqa: E402
 
 log = logging.getLogger("amd_fast.finetune")
 
@@ -237,41 +235,15 @@ class ClassifyTask:
         return res
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="a preset in configs/ (default: configs/finetune_tiny_video.yaml)")
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in output_dir) or a path")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate finetune.init (a fine-tuned checkpoint)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="output_dir holds a previous run: move it aside (<dir>.old-<time>) and start over")  # fmt: skip
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. finetune.init=... train.steps=500")
-    return p.parse_args(argv)
-
-
 DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "finetune_tiny_video.yaml"
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    rank, world_size, local_rank = dist_env()
-    setup_logging(rank)
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
-    if args.eval_only:
-        overrides.append("finetune.eval_only=true")
-    if args.overwrite:
-        overrides.append("train.overwrite=true")
-    try:
-        cfg = load_config(args.config or DEFAULT_PRESET, overrides, root=FinetuneRunConfig)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    device = None
-    if world_size > 1 and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    flags = (("--eval-only", "finetune.eval_only=true", "only evaluate finetune.init (a fine-tuned checkpoint)"),)
+    setup = command_line(argv, __doc__, DEFAULT_PRESET, root=FinetuneRunConfig, flags=flags)
+    if isinstance(setup, int):
+        return setup
+    cfg, device, rank, world_size = setup
     try:
         trainer = Trainer(cfg, device, rank, world_size)
     except CheckpointError as e:

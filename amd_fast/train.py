@@ -14,70 +14,34 @@ so the learning rate, stay the same), or shard with DeepSpeed ZeRO across ranks:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
-
-import torch
 
 if __package__ in (None, ""):  # run as a script: make the package importable from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.build import teacher_pretrain_config  # noqa: E402
-from amd_fast.config import ConfigError, load_config  # noqa: E402
-from amd_fast.engine import dist_env  # noqa: E402
 from amd_fast.export import export_student  # noqa: E402
 from amd_fast.launch import ensure_allocator  # noqa: E402
-from amd_fast.models import checkpoint_io  # noqa: E402
 from amd_fast.models.checkpoint_io import CheckpointError  # noqa: E402
 from amd_fast.objectives import OBJECTIVES  # noqa: E402
-from amd_fast.trainer import Trainer, setup_logging  # noqa: E402
+from amd_fast.trainer import Trainer, command_line  # noqa: E402
 
 log = logging.getLogger("amd_fast.train")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="a preset in configs/ (default: the built-in tiny AMD job)")
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in output_dir) or a path")
-    p.add_argument("--overwrite", action="store_true",
-                   help="output_dir holds a previous run: move it aside (<dir>.old-<time>) and start over")  # fmt: skip
-    # the `deepspeed` launcher passes --local_rank; LOCAL_RANK in the environment says the same
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=4 train.steps=100")
-    return p.parse_args(argv)
 
 
 DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "tiny_video_amd.yaml"
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    # Launched by `deepspeed` or `torchrun`: one process per rank, told its place by environment variables.
-    rank, world_size, local_rank = dist_env()
-    setup_logging(rank)
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
-    if args.overwrite:
-        overrides.append("train.overwrite=true")
-    try:
-        cfg = load_config(args.config or DEFAULT_PRESET, overrides)
-        checkpoint_io.trust(cfg.train.unsafe_pickle)
-        if rank == 0:  # before any work (the teacher's run included): a used folder is only reused when told
-            ckpt.prepare_output_dir(cfg.train.output_dir, cfg.train.resume, cfg.train.overwrite)
-    except (ConfigError, CheckpointError) as e:
-        print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
-        return 2
-    cfg.train.overwrite = False  # done: the runs below find the folder prepared
+    setup = command_line(argv, __doc__, DEFAULT_PRESET)
+    if isinstance(setup, int):
+        return setup
+    cfg, device, rank, world_size = setup
     if argv is None:  # a real command line (not a call from Python): it may be re-executed once, with LD_PRELOAD
         ensure_allocator(cfg.train.allocator)
-    device = None
-    if world_size > 1 and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
     if OBJECTIVES[cfg.objective.name].needs_teacher and not cfg.teacher.checkpoint:
         if cfg.teacher.pretrain_steps <= 0:
             print("config error: teacher.checkpoint is empty and teacher.pretrain_steps=0; give a teacher "

@@ -10,6 +10,7 @@ clipping, the optimizer step, metric reduction across ranks and checkpoint files
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import json
@@ -27,9 +28,9 @@ import torch
 
 from amd_fast import checkpoint as ckpt
 from amd_fast.attention import select_backend
-from amd_fast.config import Config, to_dict
+from amd_fast.config import Config, ConfigError, load_config, to_dict
 from amd_fast.device import autocast_dtype, default_device, peak_memory_bytes
-from amd_fast.engine import make_engine
+from amd_fast.engine import dist_env, make_engine
 from amd_fast.models import checkpoint_io
 from amd_fast.optim import build_optimizer, lr_at, scaled_lrs
 
@@ -357,3 +358,41 @@ def setup_logging(rank: int = 0) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def command_line(argv, doc: str, default_preset: Path, root=Config, flags: tuple = ()):
+    """What every training entry point does before training: parse `--config`, `--resume`, `--overwrite`, the
+    entry point's own `flags` ((flag, override, help)) and the dotted overrides; take the rank from the launcher
+    (`deepspeed` / `torchrun` set RANK / WORLD_SIZE / LOCAL_RANK); set up logging; load and check the config; prepare
+    the output folder on rank 0 (a used one is only reused when told). -> (cfg, device, rank, world_size), or the
+    exit code 2 after printing what is wrong."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=f"a preset in configs/ (default: configs/{default_preset.name})")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in output_dir) or a path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="output_dir holds a previous run: move it aside (<dir>.old-<time>) and start over")  # fmt: skip
+    for flag, _, help_text in flags:
+        p.add_argument(flag, action="store_true", help=help_text)
+    # the `deepspeed` launcher passes --local_rank; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=4 train.steps=100")
+    args = p.parse_args(argv)
+    rank, world_size, local_rank = dist_env()
+    setup_logging(rank)
+    overrides = list(args.overrides)
+    overrides += [f"train.resume={args.resume}"] * bool(args.resume) + ["train.overwrite=true"] * args.overwrite
+    overrides += [override for flag, override, _ in flags if getattr(args, flag.lstrip("-").replace("-", "_"))]
+    try:
+        cfg = load_config(args.config or default_preset, overrides, root=root)
+        checkpoint_io.trust(cfg.train.unsafe_pickle)
+        if rank == 0 and not getattr(getattr(cfg, "finetune", None), "eval_only", False):
+            ckpt.prepare_output_dir(cfg.train.output_dir, cfg.train.resume, cfg.train.overwrite)
+    except (ConfigError, checkpoint_io.CheckpointError) as e:
+        print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
+        return 2
+    cfg.train.overwrite = False  # done: the runs find the folder prepared
+    device = None
+    if world_size > 1 and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return cfg, device, rank, world_size
