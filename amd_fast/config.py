@@ -120,6 +120,9 @@ class DataConfig:
     # moving_fashion_mnist: share of clips drawn dark-on-bright; 0.5 makes the motion classes nonlinear in the pixels
     # (bright-on-black translation / growth is linearly readable: a raw-pixel linear probe gets ~100%)
     invert_prob: float = 0.0
+    # video_list: check each file once against a sequential decode (cached under ~/.cache/amd_fast); a file the
+    # decoder gets wrong is decoded an exact way or skipped (amd_fast/data/decode_check.py). false: trust the decoder
+    decode_check: bool = True
 
 
 @dataclass

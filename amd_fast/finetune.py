@@ -34,8 +34,8 @@ from amd_fast.data import (  # noqa: E402
     EpochSampler,
     FileClips,
     SkipLog,
-    build_dataset,
     collate_clips,
+    dataset_for,
     file_worker_init,
 )
 from amd_fast.models.checkpoint_io import CheckpointError  # noqa: E402
@@ -112,18 +112,11 @@ class ClassifyTask:
     def __init__(self, cfg: FinetuneRunConfig, device: torch.device, rank: int, world_size: int):
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         d, f, t = cfg.data, cfg.finetune, cfg.train
-        common = dict(root=d.root, input_size=d.input_size, num_frames=d.num_frames, prefix=d.prefix,
-                      sampling=d.sampling, frame_stride=d.frame_stride, decoder=d.decoder,
-                      invert_prob=d.invert_prob)  # fmt: skip
-        self.dataset = None
-        if not f.eval_only:
-            self.dataset = build_dataset(d.dataset, split="train", seed=t.seed, train=True, size=d.size,
-                                         list_file=d.list_file, min_crop_scale=d.min_crop_scale, **common)  # fmt: skip
+        self.dataset = None if f.eval_only else dataset_for(d, split="train", seed=t.seed, train=True)
         # the test clips are the same for every run (their own fixed seed), whatever train.seed is
-        self.test_set = build_dataset(
-            d.dataset, **{**common, "root": f.test_root or d.root}, split="test", seed=f.test_seed, train=False,
-            size=f.eval_size, list_file=f.test_list or d.list_file, test_views=(f.test_clips, f.test_crops),
-        )  # fmt: skip
+        self.test_set = dataset_for(d, split="test", seed=f.test_seed, train=False, root=f.test_root or d.root,
+                                    list_file=f.test_list or d.list_file, size=f.eval_size,
+                                    test_views=(f.test_clips, f.test_crops))  # fmt: skip
         self.num_classes = num_classes_for(cfg, self.dataset or self.test_set)
         self.views = f.test_clips * f.test_crops
         encoder = build_encoder(cfg.model, img_size=d.input_size, num_frames=d.num_frames)

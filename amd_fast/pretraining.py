@@ -21,8 +21,8 @@ from amd_fast.data import (
     EpochSampler,
     FileClips,
     SkipLog,
-    build_dataset,
     collate_clips,
+    dataset_for,
     file_worker_init,
     resolve_loader,
 )
@@ -91,12 +91,7 @@ class PretrainTask:
         dali_on = resolve_loader(d.loader, d.dataset, self.device)  # "gpu" / "cpu": the DALI pipeline decodes
         # One seed for all ranks: every sample is seeded by its global index, which ranks never share,
         # so augmentation and masks differ per rank and do not depend on the number of ranks.
-        self.dataset = build_dataset(
-            d.dataset, root=d.root, split="train", input_size=d.input_size, num_frames=d.num_frames,
-            seed=t.seed, train=True, mask_fn=self.masks, size=d.size, list_file=d.list_file, prefix=d.prefix,
-            sampling=d.sampling, frame_stride=d.frame_stride, num_sample=d.num_sample, decoder=d.decoder,
-            min_crop_scale=d.min_crop_scale, invert_prob=d.invert_prob, defer_decode=dali_on,
-        )  # fmt: skip
+        self.dataset = dataset_for(d, split="train", seed=t.seed, train=True, mask_fn=self.masks, defer_decode=dali_on)
         # File datasets: each loader item is one decoded file giving num_sample clips; data.batch_size counts
         # clips (as the references' batch_size * num_sample), so the loader batches batch_size / num_sample files.
         self.files_per_batch = d.batch_size // d.num_sample

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 
 from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.config import ConfigError, ProbeRunConfig, load_config, to_dict  # noqa: E402
-from amd_fast.data import DATASETS, FileClips, build_dataset, collate_clips  # noqa: E402
+from amd_fast.data import DATASETS, FileClips, collate_clips, dataset_for  # noqa: E402
 from amd_fast.device import autocast_dtype  # noqa: E402
 from amd_fast.models.checkpoint_io import load_encoder, read_state_dict  # noqa: E402
 from amd_fast.models.vit import VisionTransformer, build_encoder  # noqa: E402
@@ -137,17 +137,14 @@ def features(cfg: ProbeRunConfig) -> tuple[tuple, tuple, int]:
     """Cached (train, test) features and the class count; extracted and saved atomically on first use."""
     p, d = cfg.probe, cfg.data
     cache = Path(p.cache_dir or Path(cfg.train.output_dir) / "features") / f"{_fingerprint(cfg)}.pt"
-    common = dict(input_size=d.input_size, num_frames=d.num_frames, prefix=d.prefix, sampling=d.sampling,
-                  frame_stride=d.frame_stride, decoder=d.decoder, invert_prob=d.invert_prob)  # fmt: skip
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
         log.info("features from cache %s", cache)
     else:
         # Eval transforms for both splits (no crop jitter): the probe measures the frozen features.
-        train_set = build_dataset(d.dataset, root=d.root, split="train", seed=cfg.train.seed, train=False,
-                                  size=p.train_size, list_file=d.list_file, **common)  # fmt: skip
-        test_set = build_dataset(d.dataset, root=p.test_root or d.root, split="test", seed=p.test_seed, train=False,
-                                 size=p.test_size, list_file=p.test_list or d.list_file, **common)  # fmt: skip
+        train_set = dataset_for(d, split="train", seed=cfg.train.seed, train=False, size=p.train_size)
+        test_set = dataset_for(d, split="test", seed=p.test_seed, train=False, root=p.test_root or d.root,
+                               size=p.test_size, list_file=p.test_list or d.list_file)  # fmt: skip
         encoder = build_probe_encoder(cfg)
         ac = autocast_dtype(cfg.train.autocast, torch.device("cpu"))  # probing runs on the CPU
         t0 = time.perf_counter()

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.build import build_mask_generator, build_student  # noqa: E402
 from amd_fast.config import from_dict  # noqa: E402
-from amd_fast.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset  # noqa: E402
+from amd_fast.data import IMAGENET_MEAN, IMAGENET_STD, dataset_for  # noqa: E402
 from amd_fast.masks import collate_masks  # noqa: E402
 from amd_fast.models.pretrain import PretrainModel  # noqa: E402
 from amd_fast.models.vit import patchify  # noqa: E402
@@ -127,9 +127,7 @@ def visualize_checkpoint(src: str | Path, out_path: str | Path, samples: int = 4
     model = build_student(cfg.model, cfg.decoder, cfg.objective, cfg.teacher.model, img_size=d.input_size,
                           num_frames=d.num_frames)  # fmt: skip
     model.load_state_dict(state["model"])
-    ds = build_dataset(d.dataset, root=d.root, split="test", input_size=d.input_size, num_frames=d.num_frames,
-                       seed=seed, train=False, list_file=d.list_file, prefix=d.prefix, sampling=d.sampling,
-                       frame_stride=d.frame_stride, decoder=d.decoder, invert_prob=d.invert_prob)  # fmt: skip
+    ds = dataset_for(d, split="test", seed=seed, train=False, size=0)
     items = [ds[i] for i in range(samples)]
     video = torch.stack([it["video"][0] if isinstance(it["video"], list) else it["video"] for it in items])
     masks_gen = build_mask_generator(cfg.mask, "mae", model.encoder.grid)

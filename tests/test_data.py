@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from amd_fast.data import (
+    DATASETS,
     DEFAULT_ROOT,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -23,7 +24,6 @@ from amd_fast.data import (
     load_fashion_mnist,
     multi_scale_crop_params,
     normalize,
-    num_classes_of,
     random_resized_crop_params,
     sample_seed,
 )
@@ -400,9 +400,7 @@ def test_build_dataset_dispatch():
     vid = build_dataset("moving_fashion_mnist", **kw)
     assert isinstance(img, FashionMNISTImages) and isinstance(vid, MovingFashionMNIST)
     assert img[0]["video"].shape == (3, 1, 32, 32) and vid[0]["video"].shape == (3, 4, 32, 32)
-    assert num_classes_of("fashion_mnist") == 10 and num_classes_of("moving_fashion_mnist") == 6
+    assert DATASETS == {"fashion_mnist": 10, "moving_fashion_mnist": 6}  # classes per synthetic dataset
     with pytest.raises(ValueError, match="moving_fashion_mnist"):
         build_dataset("kinetics", **kw)
-    with pytest.raises(ValueError, match="fashion_mnist"):
-        num_classes_of("ssv2")
     assert len(vid) == len(img) == 10

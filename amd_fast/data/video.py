@@ -7,8 +7,12 @@ is reproducible wherever it is made. With ``num_sample = k`` a clip is decoded o
 
 Bad input loses nothing: a file that cannot give a clip (missing, empty, truncated, corrupt, unsupported codec,
 shorter than the sampling window) is recorded and replaced by another entry drawn from the same generator (the
-reference substitutes a random index silently). The skips travel with the item (``"skipped"``: a list of
-``(list index, reason)``) to the main process, where ``SkipLog`` names each one and sums them up per epoch.
+reference substitutes a random index silently). Every read goes through the decode check (``decode_check.py``): a
+file is verified once against a sequential decode, decoded an exact way if the decoder returns other frames,
+sampled within the frames that decode, and a window touching frames FFmpeg reported damaged is skipped like a bad
+file (the rest of the file is used). The skips travel with the item (``"skipped"``: a list of ``(list index,
+reason)``), and the check's note on a file (``"decode_notes"``), to the main process, where ``SkipLog`` names
+each file once and sums the skips up per epoch.
 
 Layout: frames are decoded as ``uint8 [T, H, W, 3]``; crops are resized in uint8 (PIL-style antialiased bilinear,
 as the reference's per-frame PIL resize), then normalized once into ``float32 [3, T, S, S]`` per clip.
@@ -19,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,7 +33,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, get_worker_info
 
 from .dali import ClipRequest, RequestReader
-from .decoders import BadVideo, select_decoder
+from .decode_check import DecodeCheck
+from .decoders import BadVideo, DamagedWindow, available, reason_of, select_decoder
 from .fashion_mnist import MaskFn
 from .lists import Entry
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, multi_scale_crop_params, random_resized_crop_params, sample_seed
@@ -41,7 +45,6 @@ MAX_TRIES = 32  # substitutes per item before giving up; with half the list bad,
 MSC_SCALES = (1, 0.875, 0.75, 0.66)  # VideoMAE GroupMultiScaleCrop scales (METHOD.md section 6)
 RRC_SCALE = (0.2, 1.0)  # images: RandomResizedCrop scale of MAE / AMD image pre-training
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-_SOURCE_REF = re.compile(r"\S*/\S+\.(?:cpp|cc|c|h):\d+,?\s*")  # ".../SingleStreamDecoder.cpp:52, " in decoder errors
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
@@ -142,7 +145,9 @@ class FileClips(Dataset):
     """Clips (or images, T=1) from a list of files; see the module docstring.
 
     Item: ``{"video": k x f32 [3, T, S, S], "label": i64 [k], "index": i64 [k], <mask ids> [k, ...],
-    "skipped": [(list index, reason), ...]}``; use ``collate_clips`` to batch.
+    "skipped": [(list index, reason), ...], "decode_notes": [(list index, note)]}``; use ``collate_clips`` to batch.
+    ``decode_check`` (video): reads go through ``DecodeCheck``, whose verdicts are cached in ``check_cache``
+    (None: ``~/.cache/amd_fast/decode_check``, or ``$AMD_FAST_CACHE/decode_check``).
     """
 
     def __init__(
@@ -161,6 +166,8 @@ class FileClips(Dataset):
         test_views: tuple[int, int] | None = None,
         min_crop_scale: float = RRC_SCALE[0],
         defer_decode: str | None = None,
+        decode_check: bool = True,
+        check_cache: str | None = None,
     ) -> None:
         if kind not in ("video", "image"):
             raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
@@ -182,9 +189,15 @@ class FileClips(Dataset):
         if defer_decode is not None and (kind != "video" or self.test_views is not None):
             raise ValueError("defer_decode (the DALI pipeline) makes training clips of videos, not images or views")
         # defer_decode "cpu" / "gpu": items carry ClipRequests that DaliClips decodes in the training process
-        self.decoder = None
+        self.decoder = self.reader = None
         if kind == "video":
             self.decoder = RequestReader(defer_decode) if defer_decode else select_decoder(decoder)
+            # reads go through the per-file decode check (decode_check.py), which needs PyAV's sequential decode
+            self.reader = self.decoder
+            if decode_check and available("pyav"):
+                self.reader = DecodeCheck(self.decoder, check_cache)
+            elif decode_check:
+                log.warning("decode check off: it needs PyAV (pip install av); frames are not verified")
         self._bad: dict[int, str] = {}  # per process: entries known bad, not decoded again
         if check:
             self.check()
@@ -213,11 +226,11 @@ class FileClips(Dataset):
                 return torch.from_numpy(np.array(im.convert("RGB"))).unsqueeze(0)
         if self.test_views is not None:  # all clips' frames in one decode, clip after clip
             clips = self.test_views[0]
-            frames = self.decoder.read(e.path, lambda n: sum(self.sampler.views(n, clips, e.start, e.end), []))
+            frames = self.reader.read(e.path, lambda n: sum(self.sampler.views(n, clips, e.start, e.end), []))
             want = clips * self.sampler.num_frames
         else:
             sample_gen = gen if self.train else None  # eval: the centered window
-            frames = self.decoder.read(e.path, lambda n: self.sampler(n, sample_gen, e.start, e.end))
+            frames = self.reader.read(e.path, lambda n: self.sampler(n, sample_gen, e.start, e.end))
             want = self.sampler.num_frames
         if frames.shape[0] != want:
             raise BadVideo(f"decoder returned {frames.shape[0]} frames, expected {want}")
@@ -229,10 +242,15 @@ class FileClips(Dataset):
         try:
             return self._load(i, gen), ""
         except Exception as exc:  # noqa: BLE001 -- any decoder failure is a bad file, never a dead run
-            reason = str(exc) if isinstance(exc, BadVideo) else f"{type(exc).__name__}: {exc}"
-            reason = _SOURCE_REF.sub("", " ".join(reason.split()))[:160] or type(exc).__name__
-            self._bad[i] = reason
+            reason = reason_of(exc)
+            if not isinstance(exc, DamagedWindow):  # a damaged window: other windows of the file are fine
+                self._bad[i] = reason
             return None, reason
+
+    def _note(self, i: int) -> list[tuple[int, str]]:
+        """The decode check's note on entry i, the first time this process uses it (see SkipLog)."""
+        note = self.reader.note(self.entries[i].path) if isinstance(self.reader, DecodeCheck) else ""
+        return [(i, note)] if note else []
 
     def check(self) -> None:
         """Fail at start if no entry gives a clip: stat every file, then decode until one works."""
@@ -321,6 +339,7 @@ class FileClips(Dataset):
                 raise ValueError(f"mask_fn returned reserved key {key!r}")
             item[key] = torch.stack([m[key] for m in masks])
         item["skipped"] = skipped
+        item["decode_notes"] = self._note(i) if self.kind == "video" else []
         return item
 
 
@@ -357,14 +376,21 @@ def collate_clips(items: list[dict]) -> dict:
             out_video = clips[0].new(storage).resize_(len(clips), *clips[0].shape)
         out["video"] = torch.stack(clips, out=out_video)
     for key in items[0]:
-        if key not in ("video", "skipped", "request"):
+        if key not in ("video", "skipped", "request", "decode_notes"):
             out[key] = torch.cat([it[key] for it in items])
     out["skipped"] = [s for it in items for s in it["skipped"]]
+    out["decode_notes"] = [n for it in items for n in it.get("decode_notes", ())]
     return out
 
 
 class SkipLog:
-    """Main-process record of skipped files: one log line per skip, a summary per epoch and per run."""
+    """Main-process record of skipped files and decode-check notes: each file logged once, summaries per epoch and run.
+
+    A file's first skip is logged with its reason; later skips of it are counted (the summaries show the counts and
+    the latest reason), so a bad file drawn every epoch costs one line, not one per draw. The decode check's note
+    on a file (decoded another way, fewer frames than declared, damaged stretches; ``decode_check.py``) arrives
+    with the file's first item from each worker and is logged once.
+    """
 
     def __init__(self, describe) -> None:
         self.describe = describe
@@ -372,24 +398,37 @@ class SkipLog:
         self.epoch_counts: Counter = Counter()
         self.run_counts: Counter = Counter()
         self.reasons: dict[int, str] = {}
+        self.notes: dict[int, str] = {}
 
     def track(self, loader: Iterable[dict], epoch: int) -> Iterator[dict]:
-        """Yield the loader's batches without ``skipped``; log each skip and, when the epoch ends, a summary."""
+        """Yield the batches without ``skipped`` and ``decode_notes``; log them; at the end of the epoch a summary."""
         self.epoch_counts = Counter()
         for batch in loader:
+            for i, note in batch.pop("decode_notes", ()):
+                if i not in self.notes:
+                    self.notes[i] = note
+                    log.warning("decode check: %s: %s", self.describe(i), note)
             for i, reason in batch.pop("skipped"):
                 self.total += 1
                 self.epoch_counts[i] += 1
+                if not self.run_counts[i]:
+                    log.warning("skipped bad file %s: %s (replaced by another clip)", self.describe(i), reason)
                 self.run_counts[i] += 1
                 self.reasons[i] = reason
-                log.warning("skipped bad file %s: %s (replaced by another clip)", self.describe(i), reason)
             yield batch
         log.info("epoch %d data summary: %s", epoch, self.summary(self.epoch_counts))
 
     def summary(self, counts: Counter | None = None) -> str:
-        counts = self.run_counts if counts is None else counts
-        if not counts:
-            return "no bad files skipped"
-        parts = ", ".join(f"{self.describe(i)} x{c} ({self.reasons[i]})" for i, c in counts.most_common(10))
-        more = f", and {len(counts) - 10} more" if len(counts) > 10 else ""
-        return f"skipped {sum(counts.values())} times, {len(counts)} distinct bad files: {parts}{more}"
+        """The skips in ``counts`` (default: the whole run); the run's summary also names the files with check notes."""
+        run = counts is None
+        counts = self.run_counts if run else counts
+        out = "no bad files skipped"
+        if counts:
+            parts = ", ".join(f"{self.describe(i)} x{c} ({self.reasons[i]})" for i, c in counts.most_common(10))
+            more = f", and {len(counts) - 10} more" if len(counts) > 10 else ""
+            out = f"skipped {sum(counts.values())} times, {len(counts)} distinct bad files: {parts}{more}"
+        if run and self.notes:
+            names = ", ".join(self.describe(i) for i in list(self.notes)[:10])
+            more = f", and {len(self.notes) - 10} more" if len(self.notes) > 10 else ""
+            out += f"; decode check notes on {len(self.notes)} files (logged above): {names}{more}"
+        return out
