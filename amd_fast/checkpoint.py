@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amd_fast.models.checkpoint_io import CheckpointError  # noqa: F401 -- raised here too; names the file
+from amd_fast.models.checkpoint_io import CheckpointError, torch_load
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,8 @@ def verify_file(path: Path) -> str | None:
 
 
 def load_file(path: str | Path) -> dict:
-    """A training checkpoint file, tensors and plain containers only (weights_only); errors name the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- torch raises several types for a bad file; all mean the same here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {first})") from None
+    """A training checkpoint file, read as every checkpoint is (`checkpoint_io.torch_load`: weights_only)."""
+    return torch_load(path)
 
 
 def rng_state() -> dict:
@@ -203,14 +199,16 @@ def weights_source(path: str | Path):
     return read_checkpoint(path) if is_ds_checkpoint(path) else path
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, verified: bool = False) -> dict:
     """A training checkpoint of either kind as one dict (`model`, `optimizer`, `step`, `rng`, `config`, `meta`):
     a one-process file, checked against its record when it has one, or a DeepSpeed directory, checked against its
-    meta.json and consolidated. Errors name the file and why."""
+    meta.json and consolidated. Errors name the file and why. verified: `find_resume` has just checked it (the
+    SHA-256 of a large file is not worth computing twice)."""
     path = Path(path)
-    why = verify_ds_checkpoint(path) if is_ds_checkpoint(path) else verify_file(path)
-    if why is not None and (is_ds_checkpoint(path) or read_record(path) is not None):
-        raise CheckpointError(f"{path}: {why}")
+    if not verified:
+        why = verify_ds_checkpoint(path) if is_ds_checkpoint(path) else verify_file(path)
+        if why is not None and (is_ds_checkpoint(path) or read_record(path) is not None):
+            raise CheckpointError(f"{path}: {why}")
     if is_ds_checkpoint(path):
         from amd_fast.engine import consolidate  # DeepSpeed's zero_to_fp32 merges the shards
 

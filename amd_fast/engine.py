@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from amd_fast import checkpoint as ckpt
 from amd_fast.config import ConfigError, DistConfig
+from amd_fast.models.checkpoint_io import torch_load
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,10 @@ class LocalEngine:
                  "rng": ckpt.rng_state(), "engine": scaler}  # fmt: skip
         return ckpt.save_checkpoint(state, out_dir, step, run_id, keep)
 
-    def load(self, path: Path) -> dict:
-        """A checkpoint of either kind (a DeepSpeed directory is consolidated first), verified against its record;
-        returns it (step, config, ...)."""
-        state = ckpt.read_checkpoint(path)
+    def load(self, path: Path, verified: bool = False) -> dict:
+        """A checkpoint of either kind (a DeepSpeed directory is consolidated first), verified against its record
+        unless the caller just did; returns it (step, config, ...)."""
+        state = ckpt.read_checkpoint(path, verified)
         self.model.load_state_dict(self.io.own(state["model"]))
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state.get("engine", {}):
@@ -215,13 +216,8 @@ def ds_safe_globals() -> list:
 
 
 def load_ds_file(path, map_location="cpu"):
-    """One file of a DeepSpeed checkpoint, with weights_only=True; errors name the file."""
-    try:
-        with torch.serialization.safe_globals(ds_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- torch raises several types for a bad file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ckpt.CheckpointError(f"{path}: cannot be read as a DeepSpeed checkpoint file ({first})") from None
+    """One file of a DeepSpeed checkpoint, read as every checkpoint is (weights_only), its data classes allowed."""
+    return torch_load(path, map_location, tuple(ds_safe_globals()))
 
 
 def _skip_cpu_shm_build() -> None:
@@ -418,13 +414,13 @@ class DeepSpeedEngine:
         self.barrier()
         return path
 
-    def load(self, path: Path) -> dict:
+    def load(self, path: Path, verified: bool = False) -> dict:
         """A DeepSpeed checkpoint saved on this many ranks resumes as saved (sharded weights, optimizer, this rank's
         RNG); any other checkpoint (another rank count, or one process) is read whole (`read_checkpoint`) and
         resharded into this run's shards. Returns the client state (step, config, ...)."""
         path = Path(path)
         if ckpt.is_ds_checkpoint(path) and ckpt.read_meta(path)["world_size"] == self.world_size:
-            why = ckpt.verify_ds_checkpoint(path)
+            why = None if verified else ckpt.verify_ds_checkpoint(path)
             if why is not None:
                 raise ckpt.CheckpointError(f"{path}: {why}")
             _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
@@ -432,7 +428,7 @@ class DeepSpeedEngine:
             if rng.exists():
                 ckpt.set_rng_state(torch.load(rng, weights_only=True))
             return client
-        state = ckpt.read_checkpoint(path)
+        state = ckpt.read_checkpoint(path, verified)
         self.load_full({**state, "model": self.io.own(state["model"])})
         log.info("%s: resharded onto %d ranks", path, self.world_size)
         return state

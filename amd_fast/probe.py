@@ -35,7 +35,7 @@ from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.config import ConfigError, ProbeRunConfig, load_config, to_dict  # noqa: E402
 from amd_fast.data import DATASETS, FileClips, collate_clips, dataset_for  # noqa: E402
 from amd_fast.device import autocast_dtype  # noqa: E402
-from amd_fast.models.checkpoint_io import load_encoder, read_state_dict  # noqa: E402
+from amd_fast.models.checkpoint_io import load_encoder, read_state_dict, trust  # noqa: E402
 from amd_fast.models.vit import VisionTransformer, build_encoder  # noqa: E402
 from amd_fast.trainer import setup_logging  # noqa: E402
 
@@ -163,6 +163,7 @@ def run_probe(cfg: ProbeRunConfig) -> dict:
     p = cfg.probe
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    trust(cfg.train.unsafe_pickle)  # the one switch that lets a listed file be unpickled
     train, test, classes = features(cfg)
     runs = [
         train_probe(

@@ -45,6 +45,11 @@ SPIKE_WINDOW = 100  # healthy steps whose median loss a spike is judged against
 SPIKE_MIN_HISTORY = 10  # the guard starts once this many healthy steps are known
 
 
+def evaluates_only(cfg) -> bool:
+    """A fine-tuning config that only evaluates (finetune.eval_only): it writes no checkpoint or metrics."""
+    return getattr(getattr(cfg, "finetune", None), "eval_only", False)
+
+
 def make_task(cfg, device, rank, world_size, **kw):
     """The task a config root describes: pre-training (`Config`) or fine-tuning (`FinetuneRunConfig`)."""
     if isinstance(cfg, Config):
@@ -72,7 +77,7 @@ class Trainer:
         np.random.seed(t.seed + rank)
         random.seed(t.seed + rank)
         self.out_dir = Path(t.output_dir)
-        self.eval_only = getattr(getattr(cfg, "finetune", None), "eval_only", False)
+        self.eval_only = evaluates_only(cfg)
         if rank == 0 and not self.eval_only:  # a used folder is only reused when told; stale temporary files go
             ckpt.prepare_output_dir(self.out_dir, t.resume, t.overwrite)
             ckpt.run_id(self.out_dir)
@@ -348,7 +353,8 @@ class Trainer:
         if path is None:
             log.info("resume=auto: no checkpoint in %s, starting fresh", self.out_dir)
             return
-        state = self.engine.load(path)  # verified; resharded when saved on another number of ranks
+        # verified (by find_resume already for `auto`); resharded when saved on another number of ranks
+        state = self.engine.load(path, verified=where == "auto")
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         log.info("resumed from %s at step %d", path, self.step)
@@ -384,8 +390,7 @@ def command_line(argv, doc: str, default_preset: Path, root=Config, flags: tuple
     overrides += [override for flag, override, _ in flags if getattr(args, flag.lstrip("-").replace("-", "_"))]
     try:
         cfg = load_config(args.config or default_preset, overrides, root=root)
-        checkpoint_io.trust(cfg.train.unsafe_pickle)
-        if rank == 0 and not getattr(getattr(cfg, "finetune", None), "eval_only", False):
+        if rank == 0 and not evaluates_only(cfg):
             ckpt.prepare_output_dir(cfg.train.output_dir, cfg.train.resume, cfg.train.overwrite)
     except (ConfigError, checkpoint_io.CheckpointError) as e:
         print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)

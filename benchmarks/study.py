@@ -115,12 +115,14 @@ def pretrain_config(task: dict, budget: dict, out: Path, method: str, seed: int,
     tree = {
         "model": {**(TEACHER if is_teacher else STUDENT), **task["patch"]},
         "decoder": DECODER,
-        "teacher": {"model": {**TEACHER, **task["patch"]}, "checkpoint": teacher or ""},
+        # fp32 throughout, as its figures were measured: `auto` would mean bf16 on AMX CPUs and GPUs
+        "teacher": {"model": {**TEACHER, **task["patch"]}, "checkpoint": teacher or "", "dtype": "float32"},
         "mask": mask,
         "objective": objective,
         "data": {**task["data"], "batch_size": budget["batch"], "num_workers": 1},
         "optim": {"base_lr": PRETRAIN_BASE_LR, "clip_grad": 0.02 if method == "amd" else 0.0},
-        "train": {"steps": steps, "warmup_steps": max(1, steps // 10), "seed": seed, "log_interval": max(1, steps // 4),
+        "train": {"steps": steps, "warmup_steps": max(1, steps // 10), "seed": seed, "autocast": "off",
+                  "log_interval": max(1, steps // 4),
                   "save_interval": steps, "keep_checkpoints": 1, "output_dir": str(out), "progress": False,
                   "tensorboard": False, "resume": "auto"},
     }  # fmt: skip
@@ -141,7 +143,7 @@ def probe(task: dict, budget: dict, arch: dict, init: str, seeds: list[int], out
         "data": {**task["data"], "num_workers": 0},
         "probe": {"init": init, "seeds": seeds, "epochs": budget["probe_epochs"], "train_size": budget["probe_train"],
                   "test_size": budget["probe_test"], "cache_dir": str(cache)},
-        "train": {"output_dir": str(out)},
+        "train": {"output_dir": str(out), "autocast": "off"},
     }  # fmt: skip
     cfg = _from_dict(ProbeRunConfig, tree)
     validate_probe(cfg)
@@ -159,7 +161,8 @@ def finetune(task: dict, budget: dict, arch: dict, init: str, out: Path) -> tupl
                      "test_crops": 3 if task["data"]["dataset"] == "moving_fashion_mnist" else 1,
                      "eval_size": budget["ft_test"]},
         "optim": {"base_lr": 8e-3, "min_lr": 1e-5, "betas": [0.9, 0.999], "clip_grad": 0.0},
-        "train": {"steps": steps, "warmup_steps": max(1, steps // 10), "log_interval": max(1, steps // 3),
+        "train": {"steps": steps, "warmup_steps": max(1, steps // 10), "autocast": "off",
+                  "log_interval": max(1, steps // 3),
                   "save_interval": steps, "keep_checkpoints": 1, "output_dir": str(out), "resume": "auto"},
     }  # fmt: skip
     cfg = _from_dict(FinetuneRunConfig, tree)

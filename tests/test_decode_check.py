@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_video import VIDEO_TINY as VIDEO_TINY_BASE
 from torch.utils.data import DataLoader
 
 from amd_fast.config import load_config
@@ -196,14 +197,7 @@ def test_verdicts_are_shared_by_workers_and_reused_until_the_file_changes(corpus
 # ---------------------------------------------------------------------------------------------
 # a training run on the whole corpus
 
-VIDEO_TINY = [
-    "data.dataset=video_list", "data.input_size=16", "data.num_frames=4", "data.frame_stride=2", "data.batch_size=8",
-    "data.num_sample=2", "data.num_workers=1", "model.arch=custom", "model.embed_dim=32", "model.depth=2",
-    "model.num_heads=2", "model.patch_size=8", "model.tubelet_size=2", "decoder.embed_dim=16", "decoder.depth=1",
-    "decoder.num_heads=2", "objective.name=mae", "mask.student_ratio=0.75", "optim.base_lr=0.02",
-    "train.warmup_steps=2", "train.log_interval=2", "train.tensorboard=false", "train.progress=false",
-    "train.threads=1", "train.save_interval=100",
-]  # fmt: skip
+VIDEO_TINY = [*VIDEO_TINY_BASE, "train.log_interval=2"]  # tests/test_video.py's, logged more often
 
 
 def test_training_on_the_whole_corpus_sees_only_the_frames_of_a_sequential_decode(corpus, tmp_path, caplog):

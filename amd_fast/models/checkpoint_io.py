@@ -115,13 +115,15 @@ def trust(paths) -> None:
     _TRUSTED.update(os.path.realpath(p) for p in paths)
 
 
-def _torch_load(path: str | Path):
-    """weights_only=True always: tensors and plain containers, plus argparse.Namespace (the official scripts save
-    their `args`). A file that needs more is refused, naming it, unless the user listed it in train.unsafe_pickle
-    (which runs whatever code the file holds: for files you made or trust)."""
+def torch_load(path: str | Path, map_location="cpu", extra_globals: tuple = ()):
+    """Every checkpoint file amd_fast reads goes through here (official files, training checkpoints, DeepSpeed's
+    shards). weights_only=True always: tensors and plain containers, plus argparse.Namespace (the official scripts
+    save their `args`) and the caller's `extra_globals` (data-holder classes). A file that needs more is refused,
+    naming it, unless the user listed it in train.unsafe_pickle (which runs whatever code the file holds: for files
+    you made or trust)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace, *extra_globals]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         if os.path.realpath(path) not in _TRUSTED:
@@ -131,7 +133,7 @@ def _torch_load(path: str | Path):
                 "runs code stored in the file."
             ) from None
         log.warning("%s: loading with weights_only=False, as train.unsafe_pickle asks (runs code in the file)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {first})") from None
@@ -144,7 +146,7 @@ def read_state_dict(path_or_dict) -> dict[str, torch.Tensor]:
     top level; non-tensor entries are dropped and a leading `module.` (DDP) or `_orig_mod.` (torch.compile)
     is stripped from every key.
     """
-    obj = path_or_dict if isinstance(path_or_dict, Mapping) else _torch_load(path_or_dict)
+    obj = path_or_dict if isinstance(path_or_dict, Mapping) else torch_load(path_or_dict)
     while True:
         inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
