@@ -141,6 +141,9 @@ class LocalEngine:
     def mean_over_ranks(self, x: torch.Tensor) -> float:
         return float(x)  # host sync
 
+    def close(self) -> None:
+        pass
+
     def shard_sizes(self) -> dict:
         """Elements held: every parameter and its Adam moments (one process holds them all)."""
         n = sum(p.numel() for p in self.model.parameters())
@@ -390,6 +393,13 @@ class DeepSpeedEngine:
 
     def barrier(self) -> None:
         self.dist.barrier()
+
+    def close(self) -> None:
+        """End of the process: every rank leaves together and the process group is torn down (left to interpreter
+        exit, gloo's threads can abort a rank that has finished: "terminate called without an active exception")."""
+        if self.dist.is_initialized():
+            self.dist.barrier()
+            self.dist.destroy_process_group()
 
     # checkpoints -----------------------------------------------------------------------------
 

@@ -247,6 +247,7 @@ def main(argv=None) -> int:
     else:
         trainer.train()
         res = trainer.evaluation
+    trainer.engine.close()
     if rank == 0:
         print(json.dumps(res))
     return 0

@@ -64,6 +64,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.train()
+    trainer.engine.close()
     return 0
 
 

@@ -61,7 +61,10 @@ def test_every_window_of_every_file_is_the_frame_asked_for_or_skipped(corpus, na
         v = verify(dec, path, ref, windows(len(ref), 6, seed=len(fname)), str(tmp_path))
         cells[fname] = v.cell
         assert v.checked_wrong == 0, (fname, v)  # the contract
-        if v.raw_wrong:  # what the decoder alone gets wrong, the check caught: another path, or a skip
+        # Wrong frames the decoder alone returns, the check caught: another path for the file. (A decoder that only
+        # fails now and then -- decord's read-ahead on a cut file -- is the contract's case: each checked read is
+        # right or a reported skip.)
+        if v.raw_wrong > v.raw_errors:
             assert v.mode != dec.name, (fname, v)
         if v.mode == "bad":
             assert v.note, v

@@ -280,6 +280,7 @@ class Verdict:
     seconds: float  # what the check cost on this file
     frames: int  # frames sampled from (what decodes)
     declared: int  # what the decoder's container read declares
+    raw_errors: int = 0  # of raw_wrong, the windows the decoder alone failed on (an error, not wrong frames)
 
     @property
     def cell(self) -> str:
@@ -306,7 +307,7 @@ def verify(decoder, path: str | os.PathLike, ref: np.ndarray, picks: list[list[i
     check = DecodeCheck(decoder, cache_dir)
     rec = check.check(path)
     alone = getattr(decoder, "probe", decoder)  # the DALI pipeline: its CPU decoder stands in for it
-    raw_wrong = raw_damaged = checked_wrong = skipped = 0
+    raw_wrong = raw_errors = raw_damaged = checked_wrong = skipped = 0
     for idx in picks:
         damaged = rec.damaged_in(idx) is not None
         raw_damaged += damaged
@@ -315,6 +316,7 @@ def verify(decoder, path: str | os.PathLike, ref: np.ndarray, picks: list[list[i
                 raw_wrong += not same_frames(np.asarray(alone.read(path, lambda n, idx=idx: idx)), ref, idx)
             except Exception:  # noqa: BLE001 -- a decoder error counts as a wrong window
                 raw_wrong += 1
+                raw_errors += 1
         try:
             got = check.read(path, lambda n, idx=idx: idx)
         except Exception:  # noqa: BLE001 -- FileClips reports any read error as a skip (BadVideo: by the check)
@@ -327,7 +329,7 @@ def verify(decoder, path: str | os.PathLike, ref: np.ndarray, picks: list[list[i
         checked_wrong += not same_frames(np.asarray(got), ref, idx)
     note = rec.why if rec.mode == "bad" else rec.note(decoder.name)
     return Verdict(Path(path).name, decoder.name, rec.mode, note, len(picks), raw_wrong, raw_damaged, checked_wrong,
-                   skipped, rec.seconds, rec.frames, rec.declared)  # fmt: skip
+                   skipped, rec.seconds, rec.frames, rec.declared, raw_errors)  # fmt: skip
 
 
 def main(argv=None) -> None:
