@@ -118,5 +118,6 @@ def teacher_pretrain_config(cfg: Config) -> Config:
     t.train.output_dir = f"{cfg.train.output_dir}/teacher"
     t.train.save_interval = min(cfg.train.save_interval, cfg.teacher.pretrain_steps)
     t.train.resume = "auto"
+    t.train.eval_probe = False  # the student's end-of-run evaluation probes the teacher too
     t.teacher.checkpoint = ""
     return t

@@ -159,6 +159,10 @@ class TrainConfig:
     # file. Only for files that hold more than tensors and plain containers (official ones do not need it)
     unsafe_pickle: list[str] = field(default_factory=list)
     autocast: Literal["auto", "off", "bfloat16", "float16"] = "auto"
+    # pre-training: at the end, on held-out clips, the student's masked reconstruction next to predicting zeros,
+    # a linear probe (the `probe` section) of the student, the same student at random init, the raw pixels and the
+    # teacher, and a reconstruction PNG (amd_fast/report.py)
+    eval_probe: bool = False
     tensorboard: bool = True
     progress: bool = True
     # malloc for the process (re-exec with LD_PRELOAD): auto = the best measured one that is installed
@@ -252,6 +256,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    # the end-of-run probe's settings (train.eval_probe): short by default; probe.init is not read here (the run's
+    # own encoders are probed)
+    probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(seeds=[0], train_size=2000, test_size=1000))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,6 +453,14 @@ def validate(cfg: Config) -> None:
                     f"model.{name}={s} and teacher.model.{name}={t} must match: "
                     "teacher and student read the same tokens"
                 )
+    if cfg.probe.init:
+        raise ConfigError(
+            f"probe.init={cfg.probe.init!r} is not read in pre-training: the end-of-run probe (train.eval_probe) "
+            "probes this run's student, the same student at random init, the raw pixels and the teacher; "
+            "probe another checkpoint with amd_fast/probe.py"
+        )
+    if cfg.train.eval_probe and not cfg.probe.seeds:
+        raise ConfigError("probe.seeds is empty while train.eval_probe=true: give at least one seed")
     if not cfg.dist.deepspeed_config:
         raise ConfigError("dist.deepspeed_config is empty: give a name in configs/deepspeed/ (e.g. zero2) or a path")
     check_data(cfg)  # the teacher's tubelet is checked against the student's above

@@ -78,7 +78,21 @@ class PretrainTask:
                 f"{self.flops.total / 1e9:.1f} GFLOP per micro-batch step")  # fmt: skip
 
     def evaluate(self, trainer) -> dict | None:
-        return None  # pre-training is judged afterwards (amd_fast/probe.py, finetune.py)
+        """With train.eval_probe, at the last step: amd_fast/report.py on rank 0 (the others wait). Otherwise
+        pre-training is judged afterwards (amd_fast/probe.py, finetune.py)."""
+        if not self.cfg.train.eval_probe or trainer.step < self.cfg.train.steps:
+            return None
+        res = None
+        if self.rank == 0:
+            if trainer.last_saved is None:
+                log.warning("no end-of-run evaluation: this run wrote no checkpoint")
+            else:
+                from amd_fast.report import end_of_run
+
+                step, path = trainer.last_saved
+                res = end_of_run(self.cfg, path, trainer.out_dir, step, self.device)
+        trainer.engine.barrier()
+        return res
 
     def eval_due(self, step: int) -> bool:
         return False

@@ -1,6 +1,6 @@
 """Linear probing of a frozen encoder (METHOD.md section 7; none of the reference repos ships one).
 
-    python amd_fast/probe.py --config configs/probe_tiny_video.yaml probe.init=outputs/tiny_video_amd/checkpoint-400.pt
+    python amd_fast/probe.py --config configs/probe_tiny_video.yaml probe.init=outputs/tiny_video_amd/checkpoint-300.pt
     python amd_fast/probe.py --config configs/probe_tiny_image.yaml probe.init=pixels     # the raw-pixel floor
 
 The encoder runs once over the train and test items (eval transforms, all tokens, its final norm, the mean over
@@ -69,15 +69,17 @@ def encoder_features(encoder: VisionTransformer | None, video_BCTHW: torch.Tenso
 
 @torch.inference_mode()
 def extract(encoder: VisionTransformer | None, dataset, batch_size: int, num_workers: int = 0,
-            autocast: torch.dtype | None = None):  # fmt: skip
-    """All items of `dataset` -> (features float32 [N, D], labels int64 [N]); the encoder under autocast if given."""
+            autocast: torch.dtype | None = None, device: torch.device | None = None):  # fmt: skip
+    """All items of `dataset` -> (features float32 [N, D], labels int64 [N]) on the CPU; the encoder (already on
+    `device`, default the CPU) under autocast if given."""
+    device = device or torch.device("cpu")
     files = isinstance(dataset, FileClips)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_clips if files else None)  # fmt: skip
     feats, labels = [], []
     for batch in loader:
-        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            feats.append(encoder_features(encoder, batch["video"]).float())
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            feats.append(encoder_features(encoder, batch["video"].to(device)).float().cpu())
         labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels)
 
@@ -133,23 +135,34 @@ def build_probe_encoder(cfg: ProbeRunConfig) -> VisionTransformer | None:
     return encoder.eval()
 
 
-def features(cfg: ProbeRunConfig) -> tuple[tuple, tuple, int]:
-    """Cached (train, test) features and the class count; extracted and saved atomically on first use."""
+def probe_sets(cfg: ProbeRunConfig, test_size: int | None = None):
+    """(train, test) datasets of a probe, with eval transforms for both splits (no crop jitter: the probe measures
+    the frozen features); test_size: another number of test items (the same first ones)."""
+    p, d = cfg.probe, cfg.data
+    train_set = dataset_for(d, split="train", seed=cfg.train.seed, train=False, size=p.train_size)
+    test_set = dataset_for(d, split="test", seed=p.test_seed, train=False, root=p.test_root or d.root,
+                           size=p.test_size if test_size is None else test_size,
+                           list_file=p.test_list or d.list_file)  # fmt: skip
+    return train_set, test_set
+
+
+def features(cfg: ProbeRunConfig, device: torch.device | None = None) -> tuple[tuple, tuple, int]:
+    """Cached (train, test) features and the class count; extracted (on `device`, default the CPU) and saved
+    atomically on first use."""
     p, d = cfg.probe, cfg.data
     cache = Path(p.cache_dir or Path(cfg.train.output_dir) / "features") / f"{_fingerprint(cfg)}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
         log.info("features from cache %s", cache)
     else:
-        # Eval transforms for both splits (no crop jitter): the probe measures the frozen features.
-        train_set = dataset_for(d, split="train", seed=cfg.train.seed, train=False, size=p.train_size)
-        test_set = dataset_for(d, split="test", seed=p.test_seed, train=False, root=p.test_root or d.root,
-                               size=p.test_size, list_file=p.test_list or d.list_file)  # fmt: skip
+        train_set, test_set = probe_sets(cfg)
+        device = device or torch.device("cpu")
         encoder = build_probe_encoder(cfg)
-        ac = autocast_dtype(cfg.train.autocast, torch.device("cpu"))  # probing runs on the CPU
+        encoder = encoder if encoder is None else encoder.to(device)
+        ac = autocast_dtype(cfg.train.autocast, device)
         t0 = time.perf_counter()
-        tr = extract(encoder, train_set, p.batch_size, d.num_workers, ac)
-        te = extract(encoder, test_set, p.batch_size, d.num_workers, ac)
+        tr = extract(encoder, train_set, p.batch_size, d.num_workers, ac, device)
+        te = extract(encoder, test_set, p.batch_size, d.num_workers, ac, device)
         n = tr[0].shape[0] + te[0].shape[0]
         log.info("extracted %d x %d features in %.1f s (%.0f items/s)", n, tr[0].shape[1],
                  time.perf_counter() - t0, n / (time.perf_counter() - t0))  # fmt: skip
@@ -159,12 +172,14 @@ def features(cfg: ProbeRunConfig) -> tuple[tuple, tuple, int]:
     return tuple(blob["train"]), tuple(blob["test"]), int(blob["num_classes"])
 
 
-def run_probe(cfg: ProbeRunConfig) -> dict:
+def run_probe(cfg: ProbeRunConfig, device: torch.device | None = None) -> dict:
+    """Features (cached) -> one probe per seed -> {"top1_mean", "top1_std", "runs", ...}, appended to probe.json.
+    device: where the encoder extracts (default the CPU); the probes train on the CPU."""
     p = cfg.probe
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     trust(cfg.train.unsafe_pickle)  # the one switch that lets a listed file be unpickled
-    train, test, classes = features(cfg)
+    train, test, classes = features(cfg, device)
     runs = [
         train_probe(
             train, test, classes, seed=s, epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size

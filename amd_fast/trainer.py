@@ -109,6 +109,7 @@ class Trainer:
         self.trouble_from: int | None = None  # the weights version (step) whose loss first went bad, while it lasts
         self.healthy_losses = collections.deque(maxlen=SPIKE_WINDOW)
         self.evaluation: dict | None = None
+        self.last_saved: tuple[int, Path] | None = None  # (step, path) of the newest checkpoint this run wrote
         log.info("%s; global batch %d (micro %d x accum %d x ranks %d); lr %.3g; autocast %s", self.task.describe(),
                  self.global_batch, d.batch_size, o.accum_steps, world_size, self.lr, self.autocast)  # fmt: skip
         if t.resume and not self.eval_only:
@@ -266,9 +267,22 @@ class Trainer:
         return last_path
 
     def evaluate(self) -> dict | None:
-        """The task's evaluation at this step (None if it has none); kept in `self.evaluation`."""
+        """The task's evaluation at this step (None if it has none); kept in `self.evaluation`, its figures written
+        to metrics.jsonl and TensorBoard as `eval/<name>` (rank 0)."""
         self.evaluation = self.task.evaluate(self)
+        if self.rank == 0 and self.evaluation and not self.eval_only:
+            self._log_eval(self.evaluation)
         return self.evaluation
+
+    def _log_eval(self, res: dict) -> None:
+        figures = {f"eval/{k}": float(v) for k, v in res.items() if k != "step" and isinstance(v, (int, float))}
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": self.step, **figures}) + "\n")
+        if self.cfg.train.tensorboard:
+            writer = self._tb_writer()
+            for k, v in figures.items():
+                writer.add_scalar(k, v, self.step)
+            writer.close()
 
     def _log(self, window, writer, metrics_file, bar) -> None:
         dt = time.perf_counter() - window["t0"]
@@ -346,6 +360,7 @@ class Trainer:
         path = self.engine.save(self.out_dir, self.step, state, self.cfg.train.keep_checkpoints, self.run_id)
         if path is not None:
             log.info("saved %s", path)
+            self.last_saved = (self.step, path)
         return path
 
     def resume(self, where: str) -> None:

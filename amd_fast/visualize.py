@@ -1,6 +1,6 @@
 """Reconstruction grids: input, mask and reconstruction of a pre-trained model, for images and video frames.
 
-    python amd_fast/visualize.py outputs/tiny_video_amd/checkpoint-400.pt [--out recon.png] [--samples 4]
+    python amd_fast/visualize.py outputs/tiny_video_amd/checkpoint-300.pt [--out recon.png] [--samples 4]
 
 Shape legend: B samples, N tokens, K values per token (C * tubelet * p * p), M decoded tokens, C channels.
 
@@ -119,21 +119,38 @@ def save_grid(out: dict, path: str | Path, frames: int = 4, title: str = "") -> 
     return path
 
 
-def visualize_checkpoint(src: str | Path, out_path: str | Path, samples: int = 4, frames: int = 4, seed: int = 0):
-    """A pre-training checkpoint (file or DeepSpeed directory) -> a PNG grid on test items of its own data."""
+def load_pretrain_model(src: str | Path) -> tuple[PretrainModel, object, dict]:
+    """A pre-training checkpoint (file or DeepSpeed directory) -> (its PretrainModel in eval mode on the CPU, its
+    Config, the checkpoint dict)."""
     state = ckpt.read_checkpoint(src)
+    if "config" not in state:
+        raise ckpt.CheckpointError(f"{src}: not an amd_fast pre-training checkpoint (it has no config)")
     cfg = from_dict(state["config"])
     d = cfg.data
     model = build_student(cfg.model, cfg.decoder, cfg.objective, cfg.teacher.model, img_size=d.input_size,
                           num_frames=d.num_frames)  # fmt: skip
     model.load_state_dict(state["model"])
-    ds = dataset_for(d, split="test", seed=seed, train=False, size=0)
-    items = [ds[i] for i in range(samples)]
-    video = torch.stack([it["video"][0] if isinstance(it["video"], list) else it["video"] for it in items])
-    masks_gen = build_mask_generator(cfg.mask, "mae", model.encoder.grid)
+    return model.eval(), cfg, state
+
+
+def student_masks(cfg, model: PretrainModel, samples: int, seed: int = 0) -> dict:
+    """`samples` student masks (visible and decoded tokens at the config's student ratio), drawn from `seed`."""
+    gen = build_mask_generator(cfg.mask, "mae", model.encoder.grid)
     g = torch.Generator().manual_seed(seed)
-    masks = collate_masks([masks_gen(g) for _ in range(samples)])
-    out = reconstruct(model, video, masks, cfg.objective.norm_pix_loss)
+    return collate_masks([gen(g) for _ in range(samples)])
+
+
+def visualize_checkpoint(src: str | Path, out_path: str | Path, samples: int = 4, frames: int = 4, seed: int = 0,
+                         video: torch.Tensor | None = None):  # fmt: skip
+    """A pre-training checkpoint (file or DeepSpeed directory) -> a PNG grid on test items of its own data (or on
+    `video` [B, C, T, H, W], its first `samples` clips)."""
+    model, cfg, state = load_pretrain_model(src)
+    if video is None:
+        ds = dataset_for(cfg.data, split="test", seed=seed, train=False, size=0)
+        items = [ds[i] for i in range(samples)]
+        video = torch.stack([it["video"][0] if isinstance(it["video"], list) else it["video"] for it in items])
+    video = video[:samples]
+    out = reconstruct(model, video, student_masks(cfg, model, len(video), seed), cfg.objective.norm_pix_loss)
     title = f"{Path(src).name}: {cfg.objective.name}, step {state.get('step', '?')}, mask {cfg.mask.student_ratio:.2f}"
     return save_grid(out, out_path, frames, title)
 

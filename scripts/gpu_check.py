@@ -80,7 +80,7 @@ TRAIN_CPU = [
 ]  # fmt: skip
 TRAIN_COMMON = [
     "train.autocast=bfloat16", "train.tensorboard=false", "train.progress=false", "train.allocator=default",
-    "train.log_interval=5", "train.warmup_steps=5", "optim.clip_grad=0.5",
+    "train.log_interval=5", "train.warmup_steps=5", "optim.clip_grad=0.5", "train.eval_probe=false",
 ]  # fmt: skip
 
 

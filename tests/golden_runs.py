@@ -30,7 +30,7 @@ SMALL = [
     "teacher.pretrain_decoder.embed_dim=16", "teacher.pretrain_decoder.depth=1", "teacher.pretrain_decoder.num_heads=2",
     "objective.student_layers=[1,2]", "objective.teacher_layers=[1,2]", "train.warmup_steps=2", "train.log_interval=1",
     "train.tensorboard=false", "train.progress=false", "train.threads=1", "teacher.pretrain_steps=8", "train.steps=8",
-    "train.save_interval=8", "train.autocast='off'", "teacher.dtype=float32",
+    "train.save_interval=8", "train.autocast='off'", "teacher.dtype=float32", "train.eval_probe=false",
 ]  # fmt: skip
 RUNS = {
     "image_amd": ("configs/tiny_image_amd.yaml", []),

@@ -24,6 +24,7 @@ SMALL = [
     "decoder.num_heads=2", "teacher.model.embed_dim=48", "teacher.model.depth=2", "teacher.model.num_heads=2",
     "objective.student_layers=[1,2]", "objective.teacher_layers=[1,2]", "data.batch_size=4",
     "train.warmup_steps=1", "train.tensorboard=false", "train.progress=false", "train.threads=2",
+    "train.eval_probe=false",
 ]  # fmt: skip
 
 
