@@ -102,7 +102,8 @@ def end_of_run(cfg: Config, checkpoint: Path, out_dir: Path, step: int, device: 
     ]
     for label, _, rec, pr in rows:
         r = "-" if rec is None else f"{rec[0]:.4f} ({rec[1]:.4f}): {rec[0] / rec[1]:.2f}x"
-        lines.append(f"  {label:<40} | {r:<32} | {pr['top1_mean']:.2f} +- {pr['top1_std']:.2f}")
+        top1 = f"{pr['top1_mean']:.2f}" + (f" +- {pr['top1_std']:.2f}" if len(p.seeds) > 1 else "")
+        lines.append(f"  {label:<40} | {r:<32} | {top1}")
     lines.append(f"  the student's reconstructions: {png}")
     for line in lines:
         log.info(line)

@@ -397,7 +397,7 @@ def command_line(argv, doc: str, default_preset: Path, root=Config, flags: tuple
     # the `deepspeed` launcher passes --local_rank; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=4 train.steps=100")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags between the overrides too: `a.b=1 --overwrite c.d=2`
     rank, world_size, local_rank = dist_env()
     setup_logging(rank)
     overrides = list(args.overrides)

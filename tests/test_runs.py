@@ -44,7 +44,8 @@ def test_a_used_output_folder_is_never_written_over_by_accident(tmp_path, capsys
     assert run(tmp_path, "train.steps=6", "--resume", "auto") == 0  # told to continue: it does
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
-    assert run(tmp_path, "train.steps=2", "--overwrite") == 0  # told to start over: the old run is moved aside
+    # told to start over (the flag between overrides, as users type it): the old run is moved aside
+    assert run(tmp_path, "--overwrite", "train.steps=2") == 0
     aside = [p for p in tmp_path.parent.iterdir() if p.name.startswith(f"{tmp_path.name}.old-")]
     assert len(aside) == 1 and (aside[0] / "checkpoint-6.pt").exists()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
