@@ -304,3 +304,14 @@ def test_teacher_partitioned_with_zero3_gives_the_same_losses(tmp_path, teacher)
 def test_teacher_zero3_needs_deepspeed(tmp_path, teacher):
     with pytest.raises(ValueError, match="teacher.zero3=true"):
         Trainer(tiny(tmp_path, *common(teacher, 1), "teacher.zero3=true"))
+
+
+def test_end_of_run_evaluation_on_2_ranks(tmp_path, teacher):
+    """train.eval_probe under DeepSpeed ZeRO-2: rank 0 evaluates the sharded checkpoint directory (consolidated) while
+    the other rank waits; one table, one eval row, both ranks exit cleanly."""
+    out = launch(2, tmp_path, *common(teacher, 4), "train.save_interval=4", "dist.deepspeed_config=zero2",
+                 "train.eval_probe=true", "probe.train_size=64", "probe.test_size=32", "probe.epochs=2")  # fmt: skip
+    assert out.count("end-of-run evaluation at step 4") == 1
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval/probe_student_top1" in r] == [4]
+    assert (tmp_path / "checkpoint-4").is_dir() and (tmp_path / "recon-4.png").exists()
