@@ -36,7 +36,7 @@ from amd_fast.data import (  # noqa: E402
     SkipLog,
     collate_clips,
     dataset_for,
-    file_worker_init,
+    epoch_batches,
 )
 from amd_fast.models.checkpoint_io import CheckpointError  # noqa: E402
 from amd_fast.models.classifier import VideoClassifier, layer_decay_groups, load_classifier  # noqa: E402
@@ -151,25 +151,12 @@ class ClassifyTask:
 
     def batches(self, step: int):
         d = self.cfg.data
-        n = len(self.dataset)
-        sampler = EpochSampler(n, seed=self.cfg.train.seed, rank=self.rank, world_size=self.world_size)
-        per_epoch = sampler.num_per_rank // d.batch_size
-        if per_epoch == 0:
+        sampler = EpochSampler(len(self.dataset), seed=self.cfg.train.seed, rank=self.rank, world_size=self.world_size)
+        if sampler.num_per_rank < d.batch_size:
             raise ValueError(f"data.batch_size={d.batch_size} > this rank's {sampler.num_per_rank} training samples")
-        epoch, start = divmod(step * self.cfg.optim.accum_steps, per_epoch)
-        files = isinstance(self.dataset, FileClips)
-        while True:
-            sampler.set_epoch(epoch)
-            sampler.set_start(start * d.batch_size)
-            loader = DataLoader(
-                self.dataset, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers, drop_last=True,
-                collate_fn=collate_clips if files else None, prefetch_factor=4 if d.num_workers else None,
-                worker_init_fn=file_worker_init if d.num_workers and files else None,
-                generator=torch.Generator(),  # the loader's base seed must not draw from the (checkpointed) global RNG
-            )  # fmt: skip
-            for batch in loader if self.skips is None else self.skips.track(loader, epoch):
-                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in ("video", "label")}
-            epoch, start = epoch + 1, 0
+        for batch in epoch_batches(self.dataset, sampler, d.batch_size, step * self.cfg.optim.accum_steps,
+                                   num_workers=d.num_workers, skips=self.skips):  # fmt: skip
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in ("video", "label")}
 
     @torch.no_grad()
     def evaluate(self, trainer) -> dict:

@@ -12,7 +12,6 @@ import functools
 import logging
 
 import torch
-from torch.utils.data import DataLoader
 
 from amd_fast.build import build_mask_generator, build_objective, build_student, build_teacher
 from amd_fast.config import Config
@@ -21,9 +20,8 @@ from amd_fast.data import (
     EpochSampler,
     FileClips,
     SkipLog,
-    collate_clips,
     dataset_for,
-    file_worker_init,
+    epoch_batches,
     resolve_loader,
 )
 from amd_fast.flops import step_flops
@@ -31,11 +29,6 @@ from amd_fast.objectives import OBJECTIVES
 from amd_fast.optim import param_groups
 
 log = logging.getLogger(__name__)
-
-
-def _worker_init(_):
-    # each loader worker decodes / augments on one thread; the main process keeps the others for GEMMs
-    torch.set_num_threads(1)
 
 
 class PretrainTask:
@@ -122,33 +115,13 @@ class PretrainTask:
                 f"({self.sampler.num_per_rank} samples)"
             )
 
-    def _loader(self, epoch: int, start_batch: int):
-        self.sampler.set_epoch(epoch)
-        self.sampler.set_start(start_batch * self.files_per_batch)
-        nw = self.cfg.data.num_workers
-        init = file_worker_init if self.skips is not None else _worker_init
-        loader = DataLoader(
-            self.dataset, batch_size=self.files_per_batch, sampler=self.sampler, num_workers=nw,
-            drop_last=True, worker_init_fn=init if nw else None, persistent_workers=False,
-            prefetch_factor=4 if nw else None, collate_fn=collate_clips if self.skips is not None else None,
-            # the workers' base seed (their torch / numpy / random seeds) from the run seed, the epoch and the rank:
-            # drawn from the global RNG instead, a resumed run's global RNG would run one draw off the
-            # uninterrupted run's (drop path draws from it)
-            generator=torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + epoch) * 1009 + self.rank),
-        )  # fmt: skip
-        if self.dali is not None:  # the workers sent decode requests: the DALI pipeline makes the clips here
-            loader = self.dali.stream(loader)  # one batch decoding ahead of the one trained on
-        # Skipped files ride along with the batches from the workers; SkipLog strips, logs and counts them here.
-        return loader if self.skips is None else self.skips.track(loader, epoch)
-
     def batches(self, step: int):
         """Micro-batches forever, from optimizer step `step` on (mid-epoch resume loads no skipped data)."""
-        consumed = step * self.cfg.optim.accum_steps
-        epoch, start = divmod(consumed, self.batches_per_epoch)
-        while True:
-            for batch in self._loader(epoch, start):
-                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            epoch, start = epoch + 1, 0
+        # the workers send decode requests when DALI is on: its pipeline makes the clips, one batch ahead
+        stream = None if self.dali is None else self.dali.stream
+        for batch in epoch_batches(self.dataset, self.sampler, self.files_per_batch, step * self.cfg.optim.accum_steps,
+                                   num_workers=self.cfg.data.num_workers, skips=self.skips, stream=stream):  # fmt: skip
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
 def pretrain_task(cfg, device, rank, world_size, *, teacher=None, with_data=True):

@@ -10,7 +10,7 @@ from .decoders import DECODERS, BadVideo, DamagedWindow, select_decoder
 from .fashion_mnist import DEFAULT_ROOT, FashionMNISTImages, MaskFn, load_fashion_mnist
 from .lists import Entry, parse_video_list, scan_image_folder
 from .moving import MOTION_CLASSES, MovingFashionMNIST
-from .sampler import EpochSampler
+from .sampler import EpochSampler, epoch_batches
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -132,6 +132,7 @@ __all__ = [
     "IMAGENET_STD",
     "MOTION_CLASSES",
     "EpochSampler",
+    "epoch_batches",
     "FashionMNISTImages",
     "MaskFn",
     "MovingFashionMNIST",

@@ -65,3 +65,39 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_per_rank - self.start
+
+
+def epoch_batches(dataset, sampler: EpochSampler, batch_size: int, start_batch: int, *, num_workers: int,
+                  skips=None, stream=None) -> Iterator[dict]:  # fmt: skip
+    """Loader batches of `dataset` forever, epoch after epoch, from batch `start_batch` (counted over all epochs) on:
+    what pre-training and fine-tuning iterate (a mid-epoch resume loads no skipped data).
+
+    The workers' base seed comes from (sampler seed, epoch, rank), never from the global torch RNG: drawn from it, a
+    resumed run's global RNG would run one draw off the uninterrupted run's (drop path and mixup draw from it). File
+    datasets decode in the workers (`file_worker_init`, `collate_clips`); `skips` (a SkipLog) strips, logs and counts
+    the files they skipped; `stream` (DALI) turns each epoch's loader of decode requests into clips."""
+    from torch.utils.data import DataLoader
+
+    from .video import FileClips, collate_clips, file_worker_init
+
+    per_epoch = sampler.num_per_rank // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"a batch of {batch_size} is larger than this rank's share of the dataset "
+                         f"({sampler.num_per_rank} samples)")  # fmt: skip
+    epoch, start = divmod(start_batch, per_epoch)
+    files = isinstance(dataset, FileClips)
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.set_start(start * batch_size)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+            # torch's worker loop already runs one thread per worker; file workers also tune malloc
+            worker_init_fn=file_worker_init if files and num_workers else None,
+            prefetch_factor=4 if num_workers else None, persistent_workers=False,
+            collate_fn=collate_clips if files else None,
+            generator=torch.Generator().manual_seed((sampler.seed * 1_000_003 + epoch) * 1009 + sampler.rank),
+        )  # fmt: skip
+        if stream is not None:
+            loader = stream(loader)
+        yield from loader if skips is None else skips.track(loader, epoch)
+        epoch, start = epoch + 1, 0
