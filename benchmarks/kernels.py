@@ -5,7 +5,8 @@
 
 Shapes (METHOD.md, video ViT-B teacher -> ViT-S student, 16x224x224, tubelet 2, rho_s .9, rho_t .75):
 N = 1568 tokens, V_s = 160, Delta = 232, V_t = 392, 1408 student-masked; D_s 384, D_t 768, K = 1536 values per
-patch; batch 2 ("paper") and 32 ("16x").
+patch; batch 2 ("paper") and 32 ("16x"); and the official scripts' recipe ("recipe": ViT-L teacher, D_t 1024, per-GPU
+batch 64). --dtype bfloat16 gives every provider bf16 inputs (what autocast hands the ops in a bf16 run).
 
 Providers: `eager` (the pure-PyTorch reference: F.linear + F.mse_loss; `torch.gather` with an expanded index),
 `compiled` (torch.compile of that reference, inductor), `chunked` (the chunked PyTorch twin), `chunked_compiled`
@@ -37,7 +38,8 @@ import amd_fast.ops  # noqa: E402,F401  (in a checkout that was never pip-instal
 from benchmarks.common import append_csv, machine_info, median_spread  # noqa: E402
 
 N_TOK, V_S, DELTA, N_MASKED, D_S, D_T, K = 1568, 160, 232, 1408, 384, 768, 1536
-BATCHES = {"paper": 2, "16x": 32}
+BATCHES = {"paper": (2, D_T), "16x": (32, D_T), "recipe": (64, 1024)}  # name -> (batch, teacher width)
+DTYPES = {"float32", "bfloat16", "float16"}
 
 # (op, case name, kind, shape parameters)
 CASES = [
@@ -50,25 +52,28 @@ CASES = [
     ("gather", "patches_vs", {"n": N_TOK, "v": V_S, "d": K}),
     ("gather", "patches_vt", {"n": N_TOK, "v": V_S + DELTA, "d": K}),
     ("gather", "targets_masked", {"n": N_TOK, "v": N_MASKED, "d": K}),
-    ("gather", "pos_add_vt", {"n": N_TOK, "v": V_S + DELTA, "d": D_T, "pos": True}),
+    ("gather", "pos_add_vt", {"n": N_TOK, "v": V_S + DELTA, "d": "d_t", "pos": True}),
 ]
 
 
-def build(op: str, params: dict, batch: int, provider: str, device: str, seed: int = 0):
-    """-> (fwd(), fwd_bwd(), grads_bytes): closures over fresh inputs on `device` for one provider."""
+def build(op: str, params: dict, batch: int, provider: str, device: str, seed: int = 0, d_t: int = D_T,
+          dtype: str = "float32"):  # fmt: skip
+    """-> (fwd(), fwd_bwd(), grads_bytes): closures over fresh inputs on `device` (in `dtype`) for one provider."""
     import torch
     from amd_fast.kernels import alignment_loss_reference, fused_alignment_loss
     from amd_fast.kernels.gather import gather_rows, gather_tokens
 
     g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    D_T = d_t  # noqa: N806 (the case's teacher width)
     dev = device
     if op == "alignment_loss":
         B, V = batch, params["rows"]
-        h = torch.randn(B, V, D_S, generator=g).to(dev).requires_grad_()
-        w = (torch.randn(D_T, D_S, generator=g) / D_S**0.5).to(dev).requires_grad_()
-        t_full = torch.randn(B, V + DELTA, D_T, generator=g).to(dev)
+        h = torch.randn(B, V, D_S, generator=g).to(dev, dt).requires_grad_()
+        w = (torch.randn(D_T, D_S, generator=g) / D_S**0.5).to(dev, dt).requires_grad_()
+        t_full = torch.randn(B, V + DELTA, D_T, generator=g).to(dev, dt)
         t = t_full[:, :V]  # AMD's target is t[:, :V_s] of the teacher's [V_s ; Delta] rows
-        gz = torch.randn(B, V, D_T, generator=g).to(dev) * 1e-3
+        gz = (torch.randn(B, V, D_T, generator=g) * 1e-3).to(dev, dt)
         if provider in ("eager", "compiled"):
             ref = alignment_loss_reference
             if provider == "compiled":
@@ -92,33 +97,34 @@ def build(op: str, params: dict, batch: int, provider: str, device: str, seed: i
                 loss.backward()
             h.grad = w.grad = None
 
-        grads = (h.numel() + w.numel()) * 4
+        grads = (h.numel() + w.numel()) * h.element_size()
         return fwd, fwd_bwd, grads
 
     provider = "chunked" if provider == "chunked_compiled" else provider  # a gather has nothing to fuse
     B, N, V, D = batch, params["n"], params["v"], params["d"]
+    D = D_T if D == "d_t" else D
     ids = torch.stack([torch.randperm(N, generator=g)[:V] for _ in range(B)]).to(dev)
     if params.get("pos"):  # x [B, V, D] + table[ids]
-        base = torch.randn(B, V, D, generator=g).to(dev).requires_grad_()
-        table = torch.randn(N, D, generator=g).to(dev)
+        base = torch.randn(B, V, D, generator=g).to(dev, dt).requires_grad_()
+        table = torch.randn(N, D, generator=g).to(dev, dt)
 
         def eager():
             return base + torch.gather(table.expand(B, N, D), 1, ids.unsqueeze(-1).expand(B, V, D))
 
         fn = eager if provider in ("eager", "compiled") else (lambda: gather_rows(table, ids, base, backend=provider))
-        grads = base.numel() * 4
+        grads = base.numel() * base.element_size()
         x = base
     else:
-        x = torch.randn(B, N, D, generator=g).to(dev).requires_grad_()
+        x = torch.randn(B, N, D, generator=g).to(dev, dt).requires_grad_()
 
         def eager():
             return torch.gather(x, 1, ids.unsqueeze(-1).expand(B, V, D))
 
         fn = eager if provider in ("eager", "compiled") else (lambda: gather_tokens(x, ids, backend=provider))
-        grads = x.numel() * 4
+        grads = x.numel() * x.element_size()
     if provider == "compiled":
         fn = torch.compile(fn, dynamic=False)
-    gout = torch.randn(B, V, D, generator=g).to(dev)
+    gout = torch.randn(B, V, D, generator=g).to(dev, dt)
 
     def fwd():
         with torch.no_grad():
@@ -143,10 +149,10 @@ def providers(device: str) -> list[str]:
     return out
 
 
-def time_case(op, params, batch, provs, reps, warmup, device):
+def time_case(op, params, batch, provs, reps, warmup, device, d_t=D_T, dtype="float32"):
     import torch
 
-    fns = {p: build(op, params, batch, p, device) for p in provs}
+    fns = {p: build(op, params, batch, p, device, d_t=d_t, dtype=dtype) for p in provs}
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     res = {}
     for mode in ("fwd", "fwd_bwd"):
@@ -176,14 +182,14 @@ def _rss(field: str) -> int:
     raise RuntimeError(field)
 
 
-def memory_child(op, case, batch, provider, device="cpu"):
+def memory_child(op, case, batch, provider, device="cpu", d_t=D_T, dtype="float32"):
     """One provider in this fresh process (CPU; on CUDA any process): peak memory above the start of one fwd call
     and one fwd+bwd call (RSS on a CPU, the CUDA allocator's on a GPU)."""
     import torch
 
     cuda = torch.device(device).type == "cuda"
     params = dict(next(c for c in CASES if c[0] == op and c[1] == case)[2])
-    fwd, fwd_bwd, grads = build(op, params, batch, provider, device)
+    fwd, fwd_bwd, grads = build(op, params, batch, provider, device, d_t=d_t, dtype=dtype)
     out = {}
     for mode, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         f()
@@ -207,14 +213,14 @@ def memory_child(op, case, batch, provider, device="cpu"):
     return out
 
 
-def memory_case(op, case, batch, provider, threads, device):
+def memory_case(op, case, batch, provider, threads, device, d_t=D_T, dtype="float32"):
     import torch
 
     if torch.device(device).type == "cuda":  # the allocator's own peak: no fresh process needed
-        return memory_child(op, case, batch, provider, device)
+        return memory_child(op, case, batch, provider, device, d_t, dtype)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "OMP_NUM_THREADS": str(threads)}  # fmt: skip
-    cmd = [sys.executable, __file__, "--mem-child", op, case, str(batch), provider]
+    cmd = [sys.executable, __file__, "--mem-child", op, case, str(batch), provider, str(d_t), dtype]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -230,36 +236,37 @@ def main():
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--providers", nargs="+", default=None, help="time only these (eager, the baseline, always runs)")
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "kernels.csv"))
-    p.add_argument("--mem-child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the inputs' dtype, every provider")
+    p.add_argument("--mem-child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
     if args.mem_child:
-        op, case, batch, provider = args.mem_child
-        print(json.dumps(memory_child(op, case, int(batch), provider)))
+        op, case, batch, provider, d_t, dtype = args.mem_child
+        print(json.dumps(memory_child(op, case, int(batch), provider, d_t=int(d_t), dtype=dtype)))
         return
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     info = machine_info(device)
     provs = providers(device)
     if args.providers:
         provs = [pv for pv in provs if pv == "eager" or pv in args.providers]
-    print(f"providers: {', '.join(provs)} on {device}; {args.threads} threads; {args.reps} rounds")
-    for bname, batch in BATCHES.items():
+    print(f"providers: {', '.join(provs)} on {device}, {args.dtype}; {args.threads} threads; {args.reps} rounds")
+    for bname, (batch, d_t) in BATCHES.items():
         if args.batch not in ("all", bname):
             continue
         for op, case, params in CASES:
             if args.op not in ("all", op):
                 continue
-            reps = args.reps if batch == BATCHES["paper"] else max(5, args.reps // 2)  # 16x: ~16x longer calls
-            res = time_case(op, params, batch, provs, reps, args.warmup, device)
-            mem = {} if args.no_memory else {pv: memory_case(op, case, batch, pv, args.threads, device)
+            reps = args.reps if bname == "paper" else max(5, args.reps // 2)  # 16x: ~16x longer calls
+            res = time_case(op, params, batch, provs, reps, args.warmup, device, d_t, args.dtype)
+            mem = {} if args.no_memory else {pv: memory_case(op, case, batch, pv, args.threads, device, d_t, args.dtype)
                                              for pv in provs}  # fmt: skip
             for mode in ("fwd", "fwd_bwd"):
                 e_med = res[("eager", mode)][0]
                 e_mem = mem.get("eager", {}).get(mode)
-                line = [f"{op}/{case} {bname} (B={batch}) {mode}:"]
+                line = [f"{op}/{case} {bname} (B={batch}, {args.dtype}) {mode}:"]
                 for pv in provs:
                     med, spread = res[(pv, mode)]
                     m = mem.get(pv, {})
@@ -279,7 +286,7 @@ def main():
                         "threads": args.threads, "median_ms": med * 1e3, "spread_ms": spread * 1e3,
                         "speedup_vs_eager": e_med / med, "peak_mib": m[mode] / 2**20 if m else "",
                         "extra_mib": extra / 2**20 if m else "",
-                        "extra_vs_eager": extra / max(1, e_extra) if m else "",
+                        "extra_vs_eager": extra / max(1, e_extra) if m else "", "dtype": args.dtype, "d_t": d_t,
                     })  # fmt: skip
                 print("\n".join(line), flush=True)
     print(f"appended to {args.csv}")

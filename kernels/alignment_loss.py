@@ -33,9 +33,9 @@ import functools
 import torch
 import torch.nn.functional as F
 from amd_fast.kernels import backend as _backend
-from amd_fast.kernels.triton_utils import cdiv, lazy_jit, next_pow2
+from amd_fast.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tune_rows
 
-tl = triton = None  # set by lazy_jit when a Triton kernel is first launched
+tl = triton = None  # set by LazyKernel when a Triton kernel is first launched
 
 DISTANCES = {"mse": 0, "l1": 1, "smooth_l1": 2}
 TARGET_NORMS = {"none": 0, "layernorm": 1, "l2": 2}
@@ -144,6 +144,7 @@ def _alignment_rows_kernel(
     stride_t,
     stride_g,
     target_eps,
+    TUNE_KEY,
     PRED_L2: tl.constexpr,
     TARGET_NORM: tl.constexpr,
     DIST: tl.constexpr,
@@ -196,10 +197,19 @@ def _alignment_rows_kernel(
 def _rows_gpu_configs():
     import triton
 
-    return [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)]
+    return [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16)]
 
 
-_rows_jit = lazy_jit(_alignment_rows_kernel, _rows_gpu_configs, key=("D",))
+def _prune_warps(configs, block_d):
+    """At least 4 elements of the row a thread (a 64-wide row takes 1 warp, a 1024-wide one up to 8)."""
+    return [c for c in configs if c.num_warps * 32 * 4 <= block_d] or configs[:1]
+
+
+# The row pass writes the gradient over g (which is z itself in the loss-only pass, or a gradient it adds to):
+# the tuner restores g around each of its launches. Tuned per width, rows bucket and what the pass computes.
+_rows_jit = LazyKernel(_alignment_rows_kernel, _rows_gpu_configs,
+                       ("D", "TUNE_KEY", "PRED_L2", "TARGET_NORM", "DIST", "WRITE_GRAD", "ACCUMULATE"),
+                       restore_value=["g_ptr"], prune=_prune_warps)  # fmt: skip
 
 
 def _rows_triton(z_RD, t_RD, grad_RD, scale, accumulate, pred_l2, target_norm, dist, target_eps):
@@ -209,10 +219,10 @@ def _rows_triton(z_RD, t_RD, grad_RD, scale, accumulate, pred_l2, target_norm, d
         scale = torch.tensor(scale, dtype=torch.float32, device=z_RD.device)
     g = grad_RD if grad_RD is not None else z_RD
     if R:
-        _rows_jit()[(R,)](
+        _rows_jit[(R,)](
             z_RD, t_RD, g, loss_R, scale.float().reshape(1), D, z_RD.stride(0), t_RD.stride(0), g.stride(0),
-            target_eps, PRED_L2=pred_l2, TARGET_NORM=target_norm, DIST=dist, WRITE_GRAD=grad_RD is not None,
-            ACCUMULATE=accumulate, BLOCK_D=next_pow2(D),
+            target_eps, tune_rows(R), PRED_L2=pred_l2, TARGET_NORM=target_norm, DIST=dist,
+            WRITE_GRAD=grad_RD is not None, ACCUMULATE=accumulate, BLOCK_D=next_pow2(D),
         )  # fmt: skip
     return loss_R.sum()
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 from amd_fast.kernels import backend as _backend
-from amd_fast.kernels.triton_utils import cdiv, lazy_jit, next_pow2
+from amd_fast.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tune_rows
 
-tl = triton = None  # set by lazy_jit when a Triton kernel is first launched
+tl = triton = None  # set by LazyKernel when a Triton kernel is first launched
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -70,7 +70,7 @@ def _scatter_torch(g_BVD, ids_BV, rps, S):
 
 
 def _gather_kernel(
-    src_ptr, ids_ptr, pos_ptr, base_ptr, out_ptr, R, V, D, rps,
+    src_ptr, ids_ptr, pos_ptr, base_ptr, out_ptr, R, V, D, rps, TUNE_KEY,
     HAS_POS: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """A [BLOCK_R, BLOCK_D] tile of output rows: out[r] = src[(r // V) * rps + ids[r]] (+ pos[ids[r]]) (+ base[r])."""
@@ -91,7 +91,7 @@ def _gather_kernel(
 
 
 def _scatter_add_kernel(
-    g_ptr, ids_ptr, out_ptr, R, V, D, rps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    g_ptr, ids_ptr, out_ptr, R, V, D, rps, TUNE_KEY, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """out[(r // V) * rps + ids[r]] += g[r]; atomics, since ids may repeat (and a shared table always does)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -104,20 +104,32 @@ def _scatter_add_kernel(
     tl.atomic_add(out_ptr + dst_rows[:, None] * D + cols[None, :], g, mask=m)
 
 
-def _warps_gpu_configs():
+def _tile_gpu_configs():
     import triton
 
-    return [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8)]
+    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (1, 2, 4, 8, 16, 32, 64) for w in (4, 8)]
 
 
-_gather_jit = lazy_jit(_gather_kernel, _warps_gpu_configs, key=("D",))
-_scatter_jit = lazy_jit(_scatter_add_kernel, _warps_gpu_configs, key=("D",))
+def _prune_tiles(configs, block_d):
+    """Tiles of 2K or 8K elements (8-32 KiB of fp32 a program), 4 or 8 warps: 4 configs a shape, so the first
+    step's tuning (a compile and a 25 ms benchmark each) stays short. Rows so narrow that 64 of them make a
+    smaller tile take the 64-row configs."""
+    keep = [c for c in configs if c.kwargs["BLOCK_R"] * block_d in (2048, 8192)]
+    return keep or [c for c in configs if c.kwargs["BLOCK_R"] == 64]
 
 
-def _tiles(R, D):
-    # whole rows up to 1024 wide; 16 rows a program (the interpreter wants few, large programs)
-    block_d = min(next_pow2(D), 1024)
-    return 16, block_d, (cdiv(R, 16), cdiv(D, block_d))
+# TUNE_KEY (rows bucketed), D and what the launch fuses key the tuning; the scatter accumulates into `out`
+# (atomics into a zeroed buffer), so the tuner zeroes it around each of its launches. The interpreter runs
+# untuned with 16 rows a program (it wants few, large programs).
+_KEY = ("D", "TUNE_KEY")
+_gather_jit = LazyKernel(_gather_kernel, _tile_gpu_configs, (*_KEY, "HAS_POS", "HAS_BASE"), prune=_prune_tiles,
+                         cpu_meta={"BLOCK_R": 16})  # fmt: skip
+_scatter_jit = LazyKernel(_scatter_add_kernel, _tile_gpu_configs, _KEY, reset_to_zero=["out_ptr"],
+                          prune=_prune_tiles, cpu_meta={"BLOCK_R": 16})  # fmt: skip
+
+
+def _grid(R, D, block_d):
+    return lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(D, block_d))
 
 
 def _gather_triton(src_SD, ids_BV, rps, pos_ND, base_BVD):
@@ -125,12 +137,13 @@ def _gather_triton(src_SD, ids_BV, rps, pos_ND, base_BVD):
     D = src_SD.shape[-1]
     out = torch.empty(B, V, D, dtype=src_SD.dtype, device=src_SD.device)
     if out.numel():
-        block_r, block_d, grid = _tiles(B * V, D)
+        block_d = min(next_pow2(D), 1024)  # whole rows up to 1024 wide
         pos = pos_ND.to(src_SD.dtype).contiguous() if pos_ND is not None else src_SD
         base = base_BVD.to(src_SD.dtype).contiguous() if base_BVD is not None else src_SD
-        _gather_jit()[grid](src_SD.contiguous(), ids_BV.contiguous(), pos, base, out, B * V, V, D, rps,
-                            HAS_POS=pos_ND is not None, HAS_BASE=base_BVD is not None, BLOCK_R=block_r,
-                            BLOCK_D=block_d)  # fmt: skip
+        _gather_jit[_grid(B * V, D, block_d)](
+            src_SD.contiguous(), ids_BV.contiguous(), pos, base, out, B * V, V, D, rps, tune_rows(B * V),
+            HAS_POS=pos_ND is not None, HAS_BASE=base_BVD is not None, BLOCK_D=block_d,
+        )  # fmt: skip
     return out
 
 
@@ -139,9 +152,9 @@ def _scatter_triton(g_BVD, ids_BV, rps, S):
     D = g_BVD.shape[-1]
     out = torch.zeros(S, D, dtype=torch.float32, device=g_BVD.device)  # fp32 atomics for every input dtype
     if g_BVD.numel():
-        block_r, block_d, grid = _tiles(B * V, D)
-        _scatter_jit()[grid](g_BVD.contiguous(), ids_BV.contiguous(), out, B * V, V, D, rps, BLOCK_R=block_r,
-                             BLOCK_D=block_d)  # fmt: skip
+        block_d = min(next_pow2(D), 1024)
+        _scatter_jit[_grid(B * V, D, block_d)](g_BVD.contiguous(), ids_BV.contiguous(), out, B * V, V, D, rps,
+                                               tune_rows(B * V), BLOCK_D=block_d)  # fmt: skip
     return out.to(g_BVD.dtype)
 
 

@@ -6,6 +6,8 @@ scripts/gpu_check.sh runs it; skipped without triton). Tolerances follow flash-a
 result at precision p is judged by its distance to the fp64 reference, against PyTorch's own distance at p
 (`err <= 3 * err_torch + a few ulps`). The Triton kernels here use no `tl.dot` (the GEMMs are torch's), so
 bf16 runs through the interpreter with bf16 operands as such; the interpreter is slow, so its grid is small.
+The interpreter skips what a GPU does around a launch: the `as_on_a_gpu` tests put Triton's autotuner back (over
+the GPU configs, each launched several times on the live buffers) and fill torch.empty with NaN.
 """
 
 import os
@@ -22,7 +24,7 @@ from amd_fast.kernels.gather import gather_reference, gather_rows, gather_tokens
 DEVICE = torch.device(os.environ.get("AMD_FAST_TEST_DEVICE", "cpu"))
 INTERPRETED = DEVICE.type == "cpu"
 if INTERPRETED:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a Triton kernel is first launched (lazy_jit)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a Triton kernel is first launched (LazyKernel)
 
 BACKENDS = [
     "chunked",
@@ -92,10 +94,13 @@ def _run_align(fn, inputs, dtype, cfg, mode, **kw):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(str(x) for x in c))
 @pytest.mark.parametrize("mode", ["loss", "recompute", "z"])
 def test_alignment_loss_matches_reference(backend, cfg, mode):
+    slow = backend == "compiled" or (backend == "triton" and INTERPRETED)
+    _check_alignment(backend, cfg, mode, SHAPES[:2] if slow else SHAPES)  # slow ones: fewer shapes
+
+
+def _check_alignment(backend, cfg, mode, shapes):
     dtypes = {"chunked": [torch.float64, torch.float32, torch.bfloat16], "native": [torch.float64, torch.float32],
               "triton": [torch.float32, torch.bfloat16], "compiled": [torch.float32]}[backend]  # fmt: skip
-    slow = backend == "compiled" or (backend == "triton" and INTERPRETED)
-    shapes = SHAPES[:2] if slow else SHAPES  # slow ones: fewer shapes
     for shape in shapes:
         inputs = _align_inputs(*shape, cfg[3], cfg[4], strided=shape[1] > 1)
         ref64 = _run_align(alignment_loss_reference, inputs, torch.float64, cfg, mode)
@@ -278,9 +283,13 @@ def _run_gather(kind, inputs, dtype, backend):
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 @pytest.mark.parametrize("kind", ["tokens", "tokens+pos", "rows", "rows+base"])
 def test_gather_matches_reference(backend, kind):
+    _check_gather(backend, kind, GATHER_SHAPES[:2] if backend == "triton" and INTERPRETED else GATHER_SHAPES)
+
+
+def _check_gather(backend, kind, shapes):
     g = torch.Generator().manual_seed(0)
     dtypes = [torch.float32, torch.bfloat16, torch.float16] + [torch.float64] * (backend != "triton")
-    for B, N, V, D in GATHER_SHAPES[:2] if backend == "triton" and INTERPRETED else GATHER_SHAPES:
+    for B, N, V, D in shapes:
         for idx_dtype, dup in ((torch.int64, False), (torch.int32, True)):
             ids = _ids(B, N, V, idx_dtype, dup, g)
             x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
@@ -295,6 +304,80 @@ def test_gather_matches_reference(backend, kind):
                 for name, o, r_lp, r64 in zip(["out", "dx", "dpos/dbase"], out, ref_lp, ref64):
                     assert o.dtype == dtype, name
                     _close(o, r_lp, r64, f"{backend} {kind} {dtype} {(B, N, V, D)} {idx_dtype} {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a GPU does that the interpreter does not: autotuning on live buffers, uninitialized memory
+
+
+@pytest.fixture
+def as_on_a_gpu():
+    """Triton's autotuner over the GPU configs under the interpreter (each config launched 3 times on the live
+    arguments before the real launch, as on a GPU), and torch.empty filled with NaN (a CUDA allocation is not
+    zeroed; a CPU one often happens to be)."""
+    if not (INTERPRETED and kb.triton_available()):
+        pytest.skip("the stand-in runs Triton under the interpreter (on a GPU the real tuner runs every test)")
+    from amd_fast.kernels.triton_utils import standin_tuner
+
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with standin_tuner(launches=3):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.mark.parametrize("kind", ["tokens+pos", "rows+base"])
+def test_triton_gather_right_under_autotuning(as_on_a_gpu, kind):
+    """The scatter-add (backward) accumulates with atomics into a zeroed buffer: without reset_to_zero the first
+    call per tuning key returns the sum of every benchmark launch."""
+    _check_gather("triton", kind, GATHER_SHAPES[:2])
+
+
+@pytest.mark.parametrize("cfg, mode", [(CONFIGS[0], "loss"), (CONFIGS[3], "loss"), (CONFIGS[1], "z")],
+                         ids=["mse-loss", "l2-ln-loss", "l1-z"])  # fmt: skip
+def test_triton_alignment_loss_right_under_autotuning(as_on_a_gpu, cfg, mode):
+    """The row pass writes the gradient over z (loss only) or adds it into the generator's (with z): without
+    restore_value each benchmark launch reads the previous one's output."""
+    _check_alignment("triton", cfg, mode, SHAPES[:2])
+
+
+def test_standin_tuner_tunes_and_launches_each_config():
+    """The stand-in is not a no-op: inside it the kernels are Triton Autotuners that benchmark several configs."""
+    if not (INTERPRETED and kb.triton_available()):
+        pytest.skip("interpreter only")
+    from amd_fast.kernels import gather as kg
+    from amd_fast.kernels.triton_utils import standin_tuner
+
+    calls = []
+    with standin_tuner(launches=2):
+        x, ids = torch.randn(2, 9, 40), torch.tensor([[0, 3, 8], [2, 2, 1]])
+        gather_tokens(x, ids, backend="triton")
+        tuner, _ = kg._gather_jit._built["standin"]
+        calls = list(tuner.configs_timings)
+    assert type(tuner).__name__ == "Autotuner" and len(calls) >= 2, calls
+    assert "standin" not in kg._gather_jit._built  # dropped on exit: no stale benchmark function
+
+
+def test_gpu_launch_rules():
+    """What the GPU tuner may choose from: gather tiles of 2K or 8K elements (64-row tiles for narrow rows), at most
+    4 configs; row-pass warps with >= 4 elements a thread; rows bucketed to powers of two for the tuning key."""
+    pytest.importorskip("triton")
+    from amd_fast.kernels import alignment_loss as ka
+    from amd_fast.kernels import gather as kg
+    from amd_fast.kernels.triton_utils import next_pow2, tune_rows
+
+    for D in (1, 5, 33, 130, 384, 768, 1024, 1536):
+        block_d = min(next_pow2(D), 1024)
+        tiles = kg._prune_tiles(kg._tile_gpu_configs(), block_d)
+        assert 1 <= len(tiles) <= 4, (D, tiles)
+        assert all(c.kwargs["BLOCK_R"] * block_d in (2048, 8192) or c.kwargs["BLOCK_R"] == 64 for c in tiles)
+        warps = ka._prune_warps(ka._rows_gpu_configs(), next_pow2(D))
+        assert warps and all(c.num_warps * 128 <= next_pow2(D) for c in warps) or len(warps) == 1
+    assert [tune_rows(n) for n in (1, 2, 3, 157, 10048)] == [1, 2, 4, 256, 16384]
 
 
 def test_gather_broadcast_base_and_bad_index():
