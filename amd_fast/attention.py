@@ -5,15 +5,18 @@ than N: the last block of a decoder only needs some query rows). Backends, faste
 
 - `flash_attn`: Dao-AILab flash-attention, CUDA, fp16/bf16 only.
 - `xformers`: memory-efficient attention, CUDA.
-- `sdpa`: `F.scaled_dot_product_attention`. On CPU it runs a flash kernel (~4.6x faster than the
-  explicit softmax below on this project's 2-core machine), and never materializes the N x N matrix.
-- `math`: the explicit `softmax(q k^T / sqrt(d)) v` of the VideoMAE / AMD reference code; the
-  reference the others are tested against.
+- `sdpa`: `F.scaled_dot_product_attention`. On CPU it runs a flash kernel that never materializes the
+  N x N matrix, in fp32 arithmetic whatever the input dtype.
+- `math`: the explicit `softmax(q k^T / sqrt(d)) v` of the VideoMAE / AMD reference code (the softmax in
+  fp32, as autocast runs the reference's); the reference the others are tested against. Its two products are
+  GEMMs, so in bf16 they run on a CPU's bf16 units, where SDPA's CPU kernel does not.
 
-`select_backend` picks one for a device and dtype (or the one a config forces), logs the choice once
-with its reason, and fails with a clear message when a forced backend cannot run. Models hold
-`get_attention(requested)`, which resolves on the device and dtype of the tensors it is first given
-(a bf16 teacher and an fp32 evaluation of the same code get the backend each can run), then reuses it.
+`select_backend` resolves `auto` to the fastest backend that runs on a device and dtype, measured once per
+machine at the call's shape class (amd_fast/measure.py; the order above is only the order of the trials), or
+checks the one a config forces; it logs the choice once with its reason (the figures for a measured one) and
+fails with a clear message when a forced backend cannot run. Models hold `get_attention(requested)`, which
+resolves on the device, dtype and shape class of the tensors it is given (a bf16 teacher and an fp32
+evaluation of the same code get the backend each runs fastest), then reuses it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     """Reference: the explicit softmax attention of the VideoMAE code."""
     scale = q.shape[-1] ** -0.5
     attn = (q * scale) @ k.transpose(-2, -1)
-    return attn.softmax(dim=-1) @ v
+    return attn.softmax(dim=-1, dtype=torch.promote_types(attn.dtype, torch.float32)).to(v.dtype) @ v
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -85,46 +88,63 @@ def check_backend(requested: str) -> str:
     return requested
 
 
-_logged: set[tuple[str, str, str, torch.dtype]] = set()
+_logged: set[tuple] = set()
 
 
-def select_backend(requested: str = "auto", device: torch.device | str = "cpu", dtype=torch.float32) -> str:
-    """Resolve `auto` to the fastest backend that runs on this device and dtype; check a forced one.
-    The choice and its reason are logged once per (request, device type, dtype)."""
+def candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The backends `auto` tries here, in order. On CUDA the explicit `math` is left out: its N x N matrix at a
+    GPU's batch takes GiBs, and the fused kernels are built for that device."""
+    names = [n for n in BACKENDS if backend_available(n, device, dtype)[0]]
+    return [n for n in names if n != "math"] if device.type == "cuda" else names
+
+
+def select_backend(requested: str = "auto", device: torch.device | str = "cpu", dtype=torch.float32, q=None, k=None,
+                   grad: bool = False) -> str:  # fmt: skip
+    """Resolve `auto` to the fastest backend that runs on this device and dtype, measured at the shape class of
+    q / k when given (else the first that runs); check a forced one. Logged once per choice."""
     device = torch.device(device)
     check_backend(requested)
+    cls = ""
     if requested != "auto":
         ok, why = backend_available(requested, device, dtype)
         if not ok:
             raise RuntimeError(f"attention backend '{requested}' was forced but cannot run: {why}")
         name, reason = requested, "forced"
     else:
-        skipped = []
-        for name in BACKENDS:
-            ok, why = backend_available(name, device, dtype)
-            if ok:
-                break
-            skipped.append(why)
-        reason = "auto, the fastest that runs here" + (f" ({'; '.join(skipped)})" if skipped else "")
-    key = (requested, name, device.type, dtype)
+        cands = candidates(device, dtype)
+        if len(cands) == 1 or q is None or torch.compiler.is_compiling():
+            name, reason = cands[0], "auto: the first that runs here" + (" (nothing else does)" if len(cands) == 1
+                                                                         else " (no shape to measure)")  # fmt: skip
+        else:
+            from amd_fast.measure import attention_class, fastest_attention
+
+            name, why = fastest_attention({n: _IMPLS[n] for n in cands}, q, k, grad)
+            reason, cls = f"auto, the fastest here: {why}", attention_class(q, k, grad)
+    key = (requested, name, device.type, dtype, cls)
     if key not in _logged:
         _logged.add(key)
-        log.info("attention backend on %s %s: %s (%s)", device.type, str(dtype).removeprefix("torch."), name, reason)
+        log.info("attention backend on %s %s%s: %s (%s)", device.type, str(dtype).removeprefix("torch."),
+                 f" {cls}" if cls else "", name, reason)  # fmt: skip
     return name
 
 
 class _Dispatch:
-    """attention(q, k, v) on the backend resolved for the device and dtype of q (resolved once per pair)."""
+    """attention(q, k, v) on the backend resolved for q's device and dtype and the call's shape class (once each)."""
 
     def __init__(self, requested: str):
         self.requested = check_backend(requested)
-        self._impl: dict[tuple[str, torch.dtype], Callable] = {}
+        self._impl: dict[tuple, Callable] = {}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        key = (q.device.type, q.dtype)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        key = (q.device.type, q.dtype, q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3], grad)
         impl = self._impl.get(key)
         if impl is None:
-            impl = self._impl[key] = _IMPLS[select_backend(self.requested, q.device, q.dtype)]
+            if self.requested == "auto":
+                impl = _IMPLS[select_backend("auto", q.device, q.dtype, q, k, grad)]
+            else:
+                impl = _IMPLS[select_backend(self.requested, q.device, q.dtype)]
+            self._impl[key] = impl
         return impl(q, k, v)
 
 

@@ -55,7 +55,7 @@ class TeacherConfig:
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="vit_base"))
     checkpoint: str = ""
-    # auto: the fastest exact-enough precision the device has (bf16 on CUDA, fp32 on CPUs without AMX).
+    # auto: the fastest exact-enough precision the device has (bf16 on CUDA; on a CPU measured: amd_fast/measure.py).
     # int8 CHANGES THE MATH: dynamic int8 quantization of the teacher's linears (CPU, VNNI), ~2x faster teacher
     # forward with a small target error (benchmarks/mask_sweep.py reports it).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"

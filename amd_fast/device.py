@@ -1,8 +1,7 @@
-"""What the device can do fast, decided by capability rather than by a flag the user must know."""
+"""What the device does fast: on a GPU by its capability, on a CPU by measurement (amd_fast/measure.py)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import resource
 import sys
@@ -14,17 +13,6 @@ log = logging.getLogger(__name__)
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-@functools.cache
-def cpu_has_amx() -> bool:
-    """AMX tiles are what make bf16 GEMMs faster than fp32 on a CPU. Without them (AVX-512-BF16 only),
-    bf16 runs at about half the fp32 GEMM rate on this project's machines, so fp32 is the fast choice."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
 
 
 _logged: set[tuple[str, str]] = set()
@@ -43,9 +31,13 @@ def fast_dtype_and_reason(device: torch.device) -> tuple[torch.dtype, str]:
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "CUDA with bf16 tensor cores"
         return torch.float16, "CUDA without bf16 support"
-    if cpu_has_amx():
-        return torch.bfloat16, "CPU with AMX (amx_bf16): bf16 GEMMs ~3x the fp32 rate"
-    return torch.float32, "CPU without AMX: bf16 GEMMs run at about half the fp32 rate"
+    if device.type != "cpu":
+        return torch.float32, f"no bf16 trial for {device.type}"
+    # The same flags (AVX-512-BF16, no AMX) give 4.4x fp32's GEMM rate on one CPU and half of it on another:
+    # measured, once per machine
+    from amd_fast.measure import fast_cpu_dtype
+
+    return fast_cpu_dtype()
 
 
 def fast_dtype(device: torch.device) -> torch.dtype:
@@ -54,7 +46,7 @@ def fast_dtype(device: torch.device) -> torch.dtype:
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for the student, or None where autocast does not pay (CPUs without AMX). Logged."""
+    """Autocast dtype for the student, or None where autocast does not pay (a CPU whose bf16 is slow). Logged."""
     if setting == "off":
         dt, why = None, "train.autocast=off"
     elif setting != "auto":

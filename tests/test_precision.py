@@ -9,6 +9,7 @@ autocast for dtype reasons is wrong here too.
 
 import copy
 import importlib.util
+import json
 import math
 
 import pytest
@@ -204,14 +205,14 @@ def test_attention_auto_picks_flash_then_xformers_then_sdpa_on_cuda(fake_modules
 
 
 def test_models_resolve_attention_for_the_dtype_they_run_in(monkeypatch):
-    """A model holds the request (`auto`); the backend is resolved for the device and dtype of its first call of
-    each kind (a bf16 teacher, an fp32 evaluation), not once at construction as if on a CPU in fp32."""
+    """A model holds the request (`auto`); the backend is resolved for the device, dtype and shape class of its
+    first call of each kind (a bf16 teacher, an fp32 evaluation), not once at construction as if on a CPU in fp32."""
     seen = []
     real = attention.select_backend
 
-    def spy(requested, dev, dtype):
+    def spy(requested, dev, dtype, *shape_class):
         seen.append((requested, torch.device(dev).type, dtype))
-        return real(requested, dev, dtype)
+        return real(requested, dev, dtype, *shape_class)
 
     monkeypatch.setattr(attention, "select_backend", spy)
     monkeypatch.setattr(attention, "_DISPATCH", {})
@@ -257,9 +258,10 @@ def test_dali_loader_is_auto_for_video_lists_on_cuda(monkeypatch):
     assert dali.resolve_loader("auto", "video_list", CUDA) is None
 
 
-def test_precision_choices_on_cuda_and_on_amx(monkeypatch):
-    """teacher.dtype=auto and train.autocast=auto: bf16 on CUDA (fp16 where bf16 is missing), bf16 on a CPU with
-    AMX, fp32 / off without it; fused AdamW on CPU and CUDA."""
+def test_precision_choices_on_cuda_and_by_measurement_on_cpu(monkeypatch):
+    """teacher.dtype=auto and train.autocast=auto: bf16 on CUDA (fp16 where bf16 is missing); on a CPU, bf16
+    where the measured block trial runs faster in bf16 (by BF16_MARGIN), fp32 / off where it does not; fused
+    AdamW on CPU and CUDA. The timings are faked (AMD_FAST_FAKE_TIMINGS), both ways; the flags play no part."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert device.fast_dtype(CUDA) == torch.bfloat16 and device.autocast_dtype("auto", CUDA) == torch.bfloat16
     enc = VisionTransformer(img_size=8, num_frames=1, patch_size=4, tubelet_size=1, embed_dim=16, depth=2,
@@ -271,12 +273,16 @@ def test_precision_choices_on_cuda_and_on_amx(monkeypatch):
     with pytest.raises(ValueError, match="int8"):
         make_frozen_teacher(copy.deepcopy(enc), [1, 2], "int8", CUDA)
     cpu = torch.device("cpu")
-    monkeypatch.setattr(device, "cpu_has_amx", lambda: True)
+    fake = {"attention": {"sdpa": 1.0, "math": 2.0}}
+    monkeypatch.setenv("AMD_FAST_FAKE_TIMINGS", json.dumps({**fake, "precision": {"float32": 0.9, "bfloat16": 0.2}}))
     assert device.autocast_dtype("auto", cpu) == torch.bfloat16
     assert make_frozen_teacher(copy.deepcopy(enc), [1, 2], "auto", cpu).dtype == torch.bfloat16
-    monkeypatch.setattr(device, "cpu_has_amx", lambda: False)
-    assert device.autocast_dtype("auto", cpu) is None
-    assert make_frozen_teacher(copy.deepcopy(enc), [1, 2], "auto", cpu).dtype == torch.float32
+    # slower, or faster by less than the margin: fp32
+    for bf16 in (1.8, 0.85):
+        timings = {**fake, "precision": {"float32": 0.9, "bfloat16": bf16}}
+        monkeypatch.setenv("AMD_FAST_FAKE_TIMINGS", json.dumps(timings))
+        assert device.autocast_dtype("auto", cpu) is None
+        assert make_frozen_teacher(copy.deepcopy(enc), [1, 2], "auto", cpu).dtype == torch.float32
     assert device.autocast_dtype("off", CUDA) is None and device.autocast_dtype("float16", cpu) == torch.float16
     assert device.use_fused_adamw(True, CUDA) and device.use_fused_adamw(True, cpu)
     assert not device.use_fused_adamw(True, torch.device("mps")) and not device.use_fused_adamw(False, CUDA)

@@ -1,0 +1,203 @@
+"""Choices `auto` makes by measuring this machine once: the training precision and the attention backend.
+
+A CPU flag says what a CPU can do, not how fast it does it. Measured with torch 2.13 on 2 threads, the same flags
+(AVX-512-BF16, no AMX) give bf16 GEMMs at 4.4x the fp32 rate on an AMD EPYC (family 26) and at half of it on an
+Intel Xeon (family 6 model 207); SDPA's CPU flash kernel does not run on the bf16 units where the explicit
+attention's GEMMs do. So each choice is a short trial of the real code, timed once per machine (CPU model and
+flags, or GPU name; torch version) and cached as JSON under $AMD_FAST_CACHE/choices (default
+~/.cache/amd_fast/choices), with the figures that decided it, which the log repeats.
+
+- precision: a ViT-S block (width 384, 6 heads) on 392 tokens (the paper's teacher input), forward + backward, in
+  fp32 and under bf16 autocast (its non-GEMM ops included; ~1 s in all); bf16 when it takes less than 1/1.1 of
+  fp32's time;
+- attention: each backend that can run, forward (+ backward when the call needs gradients) on random tensors of
+  the call's shape class (query and key counts bucketed to powers of two, head width, batch x heads bucketed);
+  the fastest. On CUDA the explicit `math` attention is not tried (its N x N matrix at a GPU's batch is GiBs).
+
+`AMD_FAST_FAKE_TIMINGS` (JSON: {"precision": {"float32": s, "bfloat16": s}, "attention": {backend: s}}) replaces
+the trials' timings, not the decision; the test suite sets it so that no test depends on the CPU it runs on.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BF16_MARGIN = 1.1  # bf16 must beat fp32 by this factor: a tie goes to the more exact one
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+@functools.cache
+def cpu_model_and_flags() -> tuple[str, tuple[str, ...]]:
+    model, flags = "unknown", ()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith(("flags", "Features")) and not flags:
+                    have = set(line.split(":", 1)[1].split())
+                    flags = tuple(x for x in _FLAGS if x in have)
+    except OSError:
+        pass
+    return model, flags
+
+
+def machine(device: torch.device) -> str:
+    """What a measurement is valid for: the CPU (model, flags) or the GPU, and the torch version."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} | torch {torch.__version__}"
+    model, flags = cpu_model_and_flags()
+    return f"{model} [{' '.join(flags)}] | torch {torch.__version__}"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("AMD_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "amd_fast"
+    )
+    return Path(root) / "choices"
+
+
+_memo: dict[str, dict] = {}
+
+
+def measured(what: str, device: torch.device, trial) -> dict:
+    """`trial()` -> {option: seconds}, run once per machine and `what` (memoized, cached on disk)."""
+    fake = os.environ.get("AMD_FAST_FAKE_TIMINGS")
+    if fake:
+        return {"timings": json.loads(fake)[what.split("/")[0]], "machine": "AMD_FAST_FAKE_TIMINGS", "cached": False}
+    key = f"{machine(device)} | {what}"
+    if key in _memo:
+        return _memo[key]
+    path = cache_dir() / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".json")
+    try:
+        res = json.loads(path.read_text())
+        if res.get("key") == key:
+            _memo[key] = {**res, "cached": True}
+            return _memo[key]
+    except (OSError, ValueError):
+        pass
+    res = {"key": key, "machine": machine(device), "timings": trial()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(res))
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("measured choices: cannot write %s (%s); measured again in the next process", path, exc)
+    _memo[key] = {**res, "cached": False}
+    return _memo[key]
+
+
+def _time(fn, reps: int = 3, sync=lambda: None) -> float:
+    fn()  # warm: allocations, oneDNN's kernel choice, lazy inits
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _sync(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision
+
+
+def _precision_trial(device: torch.device) -> dict:
+    from amd_fast.models.vit import Block
+
+    gen = torch.Generator().manual_seed(0)
+    block = Block(384, 6).to(device)
+    x = torch.randn(1, 392, 384, generator=gen).to(device).requires_grad_()
+    g = torch.randn(1, 392, 384, generator=gen).to(device)
+
+    def step(dtype):
+        def run():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = block(x)
+            out.backward(g.to(out.dtype))
+            block.zero_grad(set_to_none=True)
+            x.grad = None
+
+        return run
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # interleaved, best of each: a busy moment of a shared machine must not decide
+        out: dict[str, float] = {}
+        for dt in (torch.float32, torch.bfloat16) * 2:
+            name = str(dt).removeprefix("torch.")
+            out[name] = min(out.get(name, float("inf")), _time(step(dt), reps=2, sync=_sync(device)))
+        return out
+
+
+def fast_cpu_dtype() -> tuple[torch.dtype, str]:
+    """bf16 or fp32 for a CPU, by the measured block trial -> (dtype, the reason with its figures)."""
+    res = measured("precision", torch.device("cpu"), lambda: _precision_trial(torch.device("cpu")))
+    t = res["timings"]
+    fp32, bf16 = t["float32"], t["bfloat16"]
+    dt = torch.bfloat16 if bf16 * BF16_MARGIN < fp32 else torch.float32
+    why = (f"measured a ViT-S block fwd+bwd: bf16 {bf16 * 1e3:.1f} ms vs fp32 {fp32 * 1e3:.1f} ms "
+           f"({fp32 / bf16:.2f}x) on {res['machine']}{', cached' if res.get('cached') else ''}")  # fmt: skip
+    return dt, why
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def attention_class(q: torch.Tensor, k: torch.Tensor, grad: bool) -> str:
+    """The shape class an attention measurement stands for: [B*H, Nq, Nk] bucketed, the head width, grad."""
+    bh = q.shape[0] * q.shape[1]
+    return f"bh{_bucket(bh)} q{_bucket(q.shape[2])} k{_bucket(k.shape[2])} d{q.shape[3]} {'fwd+bwd' if grad else 'fwd'}"
+
+
+def _attention_trial(impls: dict, q, k, grad: bool) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    dev, dt = q.device, q.dtype
+    qs, ks = tuple(q.shape), tuple(k.shape)
+    q_, k_, v_ = (torch.randn(s, generator=gen).to(dev, dt).requires_grad_(grad) for s in (qs, ks, ks))
+
+    def run(fn):
+        def call():
+            out = fn(q_, k_, v_)
+            if grad:
+                out.backward(torch.ones_like(out))
+                q_.grad = k_.grad = v_.grad = None
+
+        return call
+
+    out = {}
+    with torch.enable_grad() if grad else torch.no_grad():
+        for name, fn in impls.items():
+            out[name] = _time(run(fn), sync=_sync(dev))
+    return out
+
+
+def fastest_attention(impls: dict, q: torch.Tensor, k: torch.Tensor, grad: bool) -> tuple[str, str]:
+    """The fastest of `impls` ({name: fn}) at this call's shape class -> (name, the reason with its figures)."""
+    cls = attention_class(q, k, grad)
+    what = f"attention/{q.device.type} {str(q.dtype).removeprefix('torch.')} {cls}"
+    res = measured(what, q.device, lambda: _attention_trial(impls, q, k, grad))
+    t = {n: s for n, s in res["timings"].items() if n in impls}
+    best = min(t, key=t.get)
+    figs = ", ".join(f"{n} {s * 1e3:.2f} ms" for n, s in sorted(t.items(), key=lambda x: x[1]))
+    return best, f"measured at {cls}: {figs}{', cached' if res.get('cached') else ''}"

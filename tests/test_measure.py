@@ -1,0 +1,72 @@
+"""`auto` by measurement (amd_fast/measure.py): the choice follows the timings both ways, the trials run on this
+machine and are cached with their figures, and a cached verdict is not measured again."""
+
+import json
+
+import pytest
+import torch
+
+from amd_fast import attention, measure
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """Real trials (the suite's fixed timings removed), a cache of this test's own, no verdict in memory."""
+    monkeypatch.delenv("AMD_FAST_FAKE_TIMINGS", raising=False)
+    monkeypatch.setenv("AMD_FAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(measure, "_memo", {})
+    monkeypatch.setattr(attention, "_DISPATCH", {})
+    return tmp_path / "choices"
+
+
+def _qkv(grad=True):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g).requires_grad_(grad) for _ in range(3))
+    return q, k, v
+
+
+@pytest.mark.parametrize("fastest", ["sdpa", "math"])
+def test_attention_auto_takes_the_fastest_measured(monkeypatch, fastest):
+    other = {"sdpa": "math", "math": "sdpa"}[fastest]
+    timings = {"precision": {"float32": 1.0, "bfloat16": 2.0}, "attention": {fastest: 0.1, other: 0.3}}
+    monkeypatch.setenv("AMD_FAST_FAKE_TIMINGS", json.dumps(timings))
+    monkeypatch.setattr(attention, "_DISPATCH", {})
+    called = []
+    for name in ("sdpa", "math"):
+        real = attention._IMPLS[name]
+        monkeypatch.setitem(attention._IMPLS, name, lambda q, k, v, n=name, f=real: called.append(n) or f(q, k, v))
+    q, k, v = _qkv()
+    out = attention.get_attention("auto")(q, k, v)
+    assert called == [fastest]
+    torch.testing.assert_close(out, attention.attention_math(q, k, v), rtol=1e-5, atol=1e-6)
+    # a forced backend is never measured
+    attention.get_attention(other)(q, k, v)
+    assert called == [fastest, other]
+
+
+def test_precision_trial_runs_here_and_is_cached(fresh, monkeypatch):
+    dt, why = measure.fast_cpu_dtype()
+    assert dt in (torch.float32, torch.bfloat16)
+    files = list(fresh.glob("*.json"))
+    assert len(files) == 1
+    saved = json.loads(files[0].read_text())
+    assert set(saved["timings"]) == {"float32", "bfloat16"} and all(t > 0 for t in saved["timings"].values())
+    assert measure.cpu_model_and_flags()[0] in saved["machine"] and "ms" in why
+    # another process (no verdict in memory) reads the file and does not measure again
+    monkeypatch.setattr(measure, "_memo", {})
+    monkeypatch.setattr(measure, "_precision_trial", lambda device: pytest.fail("measured again"))
+    dt2, why2 = measure.fast_cpu_dtype()
+    assert dt2 == dt and why2.endswith("cached")
+
+
+def test_attention_trial_runs_here_per_shape_class(fresh):
+    q, k, v = _qkv()
+    fn = attention.get_attention("auto")
+    fn(q, k, v)
+    with torch.no_grad():  # forward only: another class
+        fn(q, k, v)
+    fn(q[:, :, :33], k, v)  # 33 queries: the same bucket (64) as 40, measured once
+    whats = sorted(json.loads(f.read_text())["key"].split(" | ")[-1] for f in fresh.glob("*.json"))
+    assert whats == ["attention/cpu float32 bh8 q64 k64 d16 fwd", "attention/cpu float32 bh8 q64 k64 d16 fwd+bwd"]
+    for f in fresh.glob("*.json"):
+        assert set(json.loads(f.read_text())["timings"]) == {"sdpa", "math"}
