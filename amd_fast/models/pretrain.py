@@ -115,13 +115,15 @@ class PretrainModel(nn.Module):
 
     def forward_decoder(self, enc_BVD: torch.Tensor, ids_vis_BV: torch.Tensor, ids_dec_BM: torch.Tensor):
         """Encoder output at V_s + a mask token per decoded position -> pixel predictions [B, M, K_out]."""
-        x = gather_rows(self.decoder_pos_embed, ids_vis_BV, self.encoder_to_decoder(enc_BVD))
-        m = self.mask_token + gather_rows(self.decoder_pos_embed, ids_dec_BM)
+        pos = self.decoder_pos_embed.to(self.mask_token.dtype)  # an fp32 buffer under DeepSpeed's bf16 weights
+        x = gather_rows(pos, ids_vis_BV, self.encoder_to_decoder(enc_BVD))
+        m = self.mask_token + gather_rows(pos, ids_dec_BM)
         return self.decoder(torch.cat((x, m), dim=1), n_out=ids_dec_BM.shape[1])
 
     def forward_generator(self, k: int, z_BVT: torch.Tensor, ids_vis_BV, ids_delta_BD) -> torch.Tensor:
         """G_k([z + E_t[V_s] ; m_k + E_t[Delta]]) at the Delta rows -> [B, Delta, D_t]."""
         g = self.generators[k]
-        x = gather_rows(self.teacher_pos_embed, ids_vis_BV, z_BVT)
-        m = g.mask_token + gather_rows(self.teacher_pos_embed, ids_delta_BD)
+        pos = self.teacher_pos_embed.to(g.mask_token.dtype)  # as in forward_decoder
+        x = gather_rows(pos, ids_vis_BV, z_BVT)
+        m = g.mask_token + gather_rows(pos, ids_delta_BD)
         return g(torch.cat((x, m), dim=1), n_out=ids_delta_BD.shape[1])

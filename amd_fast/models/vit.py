@@ -245,16 +245,28 @@ class VisionTransformer(nn.Module):
     def num_prefix(self) -> int:
         return 0 if self.cls_token is None else 1
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype: the model takes its inputs in it. Not the buffers' (the position tables): DeepSpeed's
+        bf16 / fp16 mode casts the parameters only, so the tables stay fp32 under bf16 weights. (A ZeRO-3 parameter
+        is an empty shard outside its module's forward; its dtype is still the weights'.)"""
+        return self.patch_embed.proj.weight.dtype
+
     def embed(self, patches_BNK: torch.Tensor, ids_BV: torch.Tensor | None) -> torch.Tensor:
-        """Patch-embed only the tokens at ids (all tokens if None), add positions, prepend CLS -> [B, V(+1), D]."""
+        """Patch-embed only the tokens at ids (all tokens if None), add positions, prepend CLS -> [B, V(+1), D].
+
+        The boundary: pixels (fp32 from the loader) and position tables are cast to the weights' dtype here, so a
+        DeepSpeed bf16 engine (bf16 weights, fp32 batch and buffers) runs. Under autocast the weights are fp32 and
+        nothing changes."""
+        dt = self.dtype
         if ids_BV is None:
-            x = self.patch_embed(patches_BNK.to(self.pos_embed.dtype)) + self.pos_embed
+            x = self.patch_embed(patches_BNK.to(dt)) + self.pos_embed.to(dt)
         else:
             # cast after the gather: a low-precision teacher converts only the rows it reads
-            rows = gather_tokens(patches_BNK, ids_BV).to(self.pos_embed.dtype)
-            x = gather_rows(self.pos_embed, ids_BV, self.patch_embed(rows))  # + pos[ids], fused
+            rows = gather_tokens(patches_BNK, ids_BV).to(dt)
+            x = gather_rows(self.pos_embed.to(dt), ids_BV, self.patch_embed(rows))  # + pos[ids], fused
         if self.cls_token is not None:
-            cls = (self.cls_token + self.cls_pos).expand(x.shape[0], -1, -1)
+            cls = (self.cls_token + self.cls_pos.to(dt)).expand(x.shape[0], -1, -1)
             x = torch.cat((cls, x), dim=1)
         return x
 
