@@ -14,7 +14,7 @@ from amd_fast.device import fast_dtype_and_reason, log_choice
 from amd_fast.masks import MaskGenerator
 from amd_fast.models.checkpoint_io import load_encoder, load_pretrain
 from amd_fast.models.pretrain import PretrainModel
-from amd_fast.models.vit import build_encoder, resolve_arch
+from amd_fast.models.vit import Block, build_encoder, resolve_arch
 from amd_fast.objectives import OBJECTIVES, FrozenTeacher
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,18 @@ def make_frozen_teacher(encoder, layers: list[int], setting: str, device: torch.
         dtype, why = getattr(torch, setting), f"teacher.dtype={setting}"
     log_choice(f"teacher on {device.type}", dtype, why)
     return FrozenTeacher(encoder, layers, dtype, partition)
+
+
+def compile_blocks(*modules) -> None:
+    """train.compile: torch.compile every transformer block of these modules, in place (Module.compile: the state
+    dict's names stay). Blocks of one kind share their compiled code (the weights are the graph's inputs)."""
+    n = 0
+    for module in modules:
+        for m in module.modules() if module is not None else ():
+            if isinstance(m, Block):
+                m.compile()
+                n += 1
+    log_choice("train.compile", f"{n} blocks", "torch.compile (inductor), each block in place")
 
 
 def build_mask_generator(mask_cfg: MaskConfig, objective: str, grid: tuple[int, int, int]) -> MaskGenerator:

@@ -159,6 +159,10 @@ class TrainConfig:
     # file. Only for files that hold more than tensors and plain containers (official ones do not need it)
     unsafe_pickle: list[str] = field(default_factory=list)
     autocast: Literal["auto", "off", "bfloat16", "float16"] = "auto"
+    # torch.compile each transformer block (student, decoder, generators, teacher; Module.compile, in place: the
+    # checkpoints' names stay): inductor fuses the LayerNorm / GELU / residual / cast chains between the GEMMs.
+    # The first steps pay the compiles (tens of seconds a block kind on a 2-core CPU)
+    compile: bool = False
     # pre-training: at the end, on held-out clips, the student's masked reconstruction next to predicting zeros,
     # a linear probe (the `probe` section) of the student, the same student at random init, the raw pixels and the
     # teacher, and a reconstruction PNG (amd_fast/report.py)

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amd_fast import checkpoint as ckpt  # noqa: E402
+from amd_fast.build import compile_blocks  # noqa: E402
 from amd_fast.config import FinetuneRunConfig  # noqa: E402
 from amd_fast.data import (  # noqa: E402
     DATASETS,
@@ -124,6 +125,8 @@ class ClassifyTask:
         if f.init:
             load_classifier(self.model, ckpt.weights_source(f.init))
         self.model.to(device)
+        if t.compile:
+            compile_blocks(self.model)
         self.objective = ClassifyObjective(self.model, f, self.num_classes)
         self.skips = SkipLog(self.dataset.describe) if isinstance(self.dataset, FileClips) else None
         self.flops, self.tokens_per_clip = None, encoder.num_patches

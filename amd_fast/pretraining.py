@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from amd_fast.build import build_mask_generator, build_objective, build_student, build_teacher
+from amd_fast.build import build_mask_generator, build_objective, build_student, build_teacher, compile_blocks
 from amd_fast.config import Config
 from amd_fast.data import (
     DaliClips,
@@ -45,6 +45,8 @@ class PretrainTask:
         if OBJECTIVES[cfg.objective.name].needs_teacher and teacher is None:
             self.teacher = build_teacher(cfg.teacher, cfg.objective.teacher_layers, device, img_size=d.input_size,
                                          num_frames=d.num_frames, partition=partition)  # fmt: skip
+        if cfg.train.compile:
+            compile_blocks(self.model, None if self.teacher is None else self.teacher.encoder)
         self.objective = build_objective(cfg.objective, self.model, self.teacher)
         self.masks = build_mask_generator(cfg.mask, cfg.objective.name, self.model.encoder.grid)
         self.dataset = self.sampler = self.skips = None

@@ -85,9 +85,10 @@ class Trainer:
         checkpoint_io.trust(t.unsafe_pickle)
         # the precision the model runs in, decided (and logged) before anything is built for it
         self.autocast = autocast_dtype(t.autocast, self.device)
-        # attention resolves per device and dtype when it first runs; a forced backend that cannot run on this
-        # device in this precision fails here, before the data and the teacher are loaded
-        select_backend(cfg.model.attn_backend, self.device, self.autocast or torch.float32)
+        # attention resolves per device, dtype and shape when it first runs; a forced backend that cannot run on
+        # this device in this precision fails here, before the data and the teacher are loaded
+        if cfg.model.attn_backend != "auto":
+            select_backend(cfg.model.attn_backend, self.device, self.autocast or torch.float32)
 
         self.task = make_task(cfg, self.device, rank, world_size, **task_kw)
         self.model = self.task.model

@@ -29,11 +29,11 @@ SMALL = [
 
 
 def _run(tmp_path, kernels: str, objective: str, autocast: str = "off", teacher_dtype: str = "float32",
-         steps: int = 4) -> list[dict]:  # fmt: skip
+         steps: int = 4, more: tuple = ()) -> list[dict]:  # fmt: skip
     extra = ["objective.name=dmae", "objective.dmae_distance=l2"] if objective == "dmae" else []
     extra += ["objective.name=mae"] if objective == "mae" else []
     extra += [f"objective.kernels={kernels}", f"train.output_dir={tmp_path / kernels}", f"train.autocast={autocast}",
-              f"train.steps={steps}"]  # fmt: skip
+              f"train.steps={steps}", *more]  # fmt: skip
     cfg = load_config(ROOT / "configs/tiny_video_amd.yaml", SMALL + extra)
     torch.manual_seed(0)
     d = cfg.data
@@ -70,3 +70,16 @@ def test_short_run_kernels_on_matches_off(tmp_path, objective, autocast):
             tol = max(low, 1e-5 if step == 0 else 1e-4)
             assert b[k] == pytest.approx(a[k], rel=tol, abs=1e-6), (objective, autocast, step, k, a[k], b[k])
     assert on[0]["rec"] == off[0]["rec"]  # the reconstruction path only gathers: bit-identical at step 0
+
+
+def test_train_compile_gives_the_eager_losses(tmp_path):
+    """train.compile (every block through inductor: student, decoder, generators, teacher) against eager, fp32,
+    same seed and batches: inductor fuses and reorders fp32 sums, so the losses agree to fp32 rounding at step 0
+    and within the kernels on/off bound after AdamW has carried it."""
+    eager = _run(tmp_path / "eager", "auto", "amd", steps=3)
+    compiled = _run(tmp_path / "compiled", "auto", "amd", steps=3, more=("train.compile=true",))
+    for step, (a, b) in enumerate(zip(eager, compiled)):
+        assert a.keys() == b.keys()
+        for k in a:
+            tol = 1e-5 if step == 0 else 1e-4
+            assert b[k] == pytest.approx(a[k], rel=tol, abs=1e-6), (step, k, a[k], b[k])

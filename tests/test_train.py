@@ -20,7 +20,8 @@ TINY = [
     "teacher.pretrain_decoder.depth=1", "teacher.pretrain_decoder.num_heads=2", "teacher.pretrain_lr=0.02",
     "objective.student_layers=[1,2]", "objective.teacher_layers=[1,2]", "train.warmup_steps=2",
     "train.log_interval=2", "train.tensorboard=false", "train.progress=false", "train.threads=1",
-    # forced, never `auto`: auto means bf16 on a CPU with AMX and fp32 without, and no test may depend on the CPU
+    # forced, never `auto`: auto is measured on the machine (bf16 on one CPU kind, fp32 on another), and no test
+    # may depend on the CPU
     "train.autocast=off", "teacher.dtype=float32",
     # the tiny presets probe at the end (train.eval_probe): tests that do not test it turn it off; the default preset's
     # dark-on-bright clips (data.invert_prob) are for its moving garments
