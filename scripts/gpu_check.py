@@ -4,10 +4,11 @@
     PYTHON=.venv/bin/python bash scripts/gpu_check.sh OUT --cpu [--quick]   # the same parts on a CPU, small
 
 Sized to the machine such checks get: one GPU, python3 with torch / triton / pytest / numpy / pyyaml
-preinstalled, no network, at most 10 minutes for the one command. It runs from a checkout that was never
-pip-installed (amd_fast.ops loads the top-level kernels/ as amd_fast.kernels; the native C++ twins are not
-built there, the PyTorch twins stand in). Parts, in order, each in its own subprocesses with its own timeout,
-capped so the whole run ends within --budget seconds:
+preinstalled, no network, 15 minutes of device time for the session (the machine's start included), so the one
+command gets 9 (--budget 520). It runs from a checkout that was never pip-installed (amd_fast.ops loads the
+top-level kernels/ as amd_fast.kernels; the native C++ twins are not built there, the PyTorch twins stand in).
+Parts, in order, each in its own subprocesses with its own timeout (TIMEOUTS: on a GPU they fit in the budget
+together, so no part can eat another's time), capped so the whole run ends within --budget seconds:
 
   1. environment      nvidia-smi, python / torch / CUDA / triton versions, the device, `import amd_fast.ops`
   2. kernel tests     tests/test_kernels.py's backend-vs-reference tests (fwd + every gradient, fp32 / bf16 / ...)
@@ -17,9 +18,14 @@ capped so the whole run ends within --budget seconds:
                       importable) against `math`, fp32 / bf16 / fp16, forward and backward
   4. training         train.py, tiny AMD preset, train.autocast=bfloat16, 30 steps: straight, and stopped at 15
                       then resumed (--resume auto) to 30; the two final checkpoints compared bit for bit
-  5. benchmarks       benchmarks/step.py and benchmarks/kernels.py on the device (their CSV rows go to OUT)
-  6. deepspeed        ZeRO-2 on one device through train.py when deepspeed is importable (--wheels DIR: install it
-                      offline first); SKIP otherwise
+  5. kernels on/off   the tiny preset in fp32 from one seed with objective.kernels=auto and =reference (part 4's
+                      teacher), 20 steps: every step's losses within tests/test_kernels_e2e.py's bound (a kernel
+                      wrong on CUDA only shows here)
+  6. benchmarks       benchmarks/step.py's `recipe` case (the official scripts' ViT-L -> ViT-S, batch 64) with the
+                      kernels on and off, MFU against the bf16 GEMM peak, one step profiled (GPU busy share, top
+                      kernels, casts, peak memory); benchmarks/kernels.py (their CSV rows go to OUT)
+  7. deepspeed        ZeRO-2 and ZeRO-3 in bf16 on one device through train.py when deepspeed is importable
+                      (--wheels DIR: install it offline first); SKIP otherwise
 
 The training data is a small synthetic set in Fashion-MNIST's file format, written under --work (the GPU
 machine has no dataset and no network): the check is about the code path and its numbers, not learning.
@@ -55,18 +61,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("environment", "kernel tests", "attention", "training", "benchmarks", "deepspeed")
+PARTS = ("environment", "kernel tests", "attention", "training", "kernels on/off", "benchmarks", "deepspeed")
 
-# Per-part timeouts (s), all of a part's commands together. GPU: the whole run must fit one 10-minute command
-# with room to spare (expected ~5 minutes); the --budget deadline caps every timeout further, so a slow part eats
-# into the later ones, never past the end.
+# Per-part timeouts (s), all of a part's commands together. GPU: they add up to less than the default --budget of
+# 520 s (the session's 15 minutes of device time hold the machine's start and this one command), so a part that
+# hangs loses only its own time and none can starve the recipe timing; the --budget deadline caps them further.
+# Expected on the H200 (estimates: no run of this version there yet; torch imports, CUDA init and Triton's first
+# compiles dominate), ~4.5 minutes in all: environment ~15 s, kernel tests ~60 s (Triton JIT, cold cache),
+# attention ~10 s, training ~50 s (four train.py processes), kernels on/off ~25 s (two), benchmarks ~85 s
+# (step.py ~55 s: two recipe children of ~25 s; kernels.py ~30 s), deepspeed ~50 s (two runs of ~25 s).
+# CPU (--cpu, 2 shared cores, measured idle / loaded): 4-8, 21-41, 3-4, 17-67, 10-27, 27-61 and 17-23 s, 100-230 s
+# in all; --quick (the test) ~1-2.5 minutes.
 TIMEOUTS = {
-    "gpu": {"environment": 60, "kernel tests": 200, "attention": 60, "training": 180, "benchmarks": 200,
-            "deepspeed": 90},
-    "cpu": {"environment": 60, "kernel tests": 120, "attention": 60, "training": 180, "benchmarks": 150,
-            "deepspeed": 120},
+    "gpu": {"environment": 25, "kernel tests": 140, "attention": 25, "training": 70, "kernels on/off": 40,
+            "benchmarks": 140, "deepspeed": 75},
+    "cpu": {"environment": 60, "kernel tests": 120, "attention": 60, "training": 180, "kernels on/off": 90,
+            "benchmarks": 150, "deepspeed": 150},
 }  # fmt: skip
-STEP_BENCH_TIMEOUT = {"gpu": 120, "cpu": 90}  # of the benchmarks part's time: kernels.py gets the rest
+STEP_BENCH_TIMEOUT = {"gpu": 95, "cpu": 90}  # of the benchmarks part's time: kernels.py gets the rest
+# The recipe case at toy sizes on a CPU (seconds a step, not minutes): batch 1, 64x64, 4 frames, 64-wide models
+# with the recipe's depths (teacher 24 blocks aligned at {12,24}, student 12, decoder 4, generators 2).
+RECIPE_CPU = ["data.batch_size=1", "data.input_size=64", "data.num_frames=4", "model.embed_dim=64",
+              "teacher.model.embed_dim=64", "decoder.embed_dim=32", "decoder.num_heads=2"]  # fmt: skip
+# tests/test_kernels_e2e.py's bound on the losses of fp32 runs with the kernels on and off (pytest.approx): relative
+# 1e-5 at the first step (the same weights: the fused loss's summation order only), 1e-4 after it (AdamW carries
+# that difference forward), absolute 1e-6. Part 5 holds a real run to it.
+ON_OFF_REL = (1e-5, 1e-4)
+ON_OFF_ABS = 1e-6
+NOT_LOSSES = {"step", "lr", "clips_per_s", "tokens_per_s", "gflops_per_s", "data_wait", "peak_mem_gib", "skipped",
+              "bad_files"}  # fmt: skip
 
 # The tiny runs of part 4. GPU: the tiny image preset as it is (batch 64, 32x32, 6-block 128-wide student),
 # on the synthetic data. CPU: tests/test_train.py's toy sizes.
@@ -97,6 +120,7 @@ class Check:
     def __init__(self, args):
         self.args = args
         self.out = Path(args.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
         # the runs' checkpoints and the data: not in OUT, which should come back small (a few files)
         self.work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self.work.mkdir(parents=True, exist_ok=True)
@@ -310,25 +334,77 @@ class Check:
         return Result("FAIL", f"resumed != straight (max diff {cmp['max_abs_diff']:.3g}) while two straight runs "
                       f"differ by {rep['max_abs_diff']:.3g}", figs)  # fmt: skip
 
+    def part_kernels_on_off(self) -> Result:
+        """The tiny preset in fp32 from one seed, objective.kernels=reference then =auto (on CUDA: the Triton
+        kernels in a real run, which the CPU tests never see): every step's losses (train.log_interval=1) within
+        tests/test_kernels_e2e.py's bound, ON_OFF_REL / ON_OFF_ABS."""
+        steps = 8 if self.args.quick else 20
+        root = self.work / "kernels_on_off"
+        shutil.rmtree(root, ignore_errors=True)
+        data = self.work / "data" / "fashion-mnist"
+        if not data.exists():
+            write_synthetic_fashion_mnist(data, 512 if self.device == "cuda" else 64)
+        common = [o for o in TRAIN_COMMON if not o.startswith(("train.autocast=", "train.log_interval="))]
+        base = ["--config", "configs/tiny_image_amd.yaml", f"data.root={data}", "data.size=0", *common,
+                *(TRAIN_GPU if self.device == "cuda" else TRAIN_CPU), f"train.steps={steps}",
+                f"train.save_interval={steps}", "train.log_interval=1", "train.autocast=off",
+                "teacher.dtype=float32"]  # fmt: skip
+        # part 4's teacher; without it (--parts), the reference run pre-trains one and the auto run loads it
+        teacher = self.teacher if self.teacher and self.teacher.exists() else None
+        figs = [f"- `train.py {' '.join(base[2:])}` with objective.kernels=reference, then =auto; teacher: "
+                f"{teacher or f'pre-trained {steps} steps by the reference run'}"]  # fmt: skip
+        logs, chosen = {}, []
+        for kernels in ("reference", "auto"):
+            out_dir = root / kernels
+            extra = [f"teacher.checkpoint={teacher}"] if teacher else [f"teacher.pretrain_steps={steps}"]
+            rc, out = self.run([self.py, "amd_fast/train.py", *base, *extra, f"objective.kernels={kernels}",
+                                f"train.output_dir={out_dir}"])  # fmt: skip
+            if rc != 0:
+                return Result("FAIL", f"the kernels={kernels} run failed: {_error_line(out)}", figs, _tail(out, 40))
+            teacher = teacher or out_dir / "teacher" / f"checkpoint-{steps}.pt"
+            logs[kernels] = [m for m in _metrics(out_dir / "metrics.jsonl") if "loss" in m]
+            if kernels == "auto":  # amd_fast.kernels logs what `auto` resolved to, per op
+                chosen = sorted(set(re.findall(r"kernels: (\w+ on \w+ \w+ runs .*)", out)))
+        figs += [f"- auto: {c}" for c in chosen]
+        ref, auto = logs["reference"], logs["auto"]
+        if len(ref) != steps or [m["step"] for m in auto] != [m["step"] for m in ref]:
+            return Result("FAIL", f"logged steps differ or are missing: reference {[m['step'] for m in ref]}, "
+                          f"auto {[m['step'] for m in auto]}", figs)  # fmt: skip
+        worst, bad = compare_losses(ref, auto)
+        figs.append("- largest relative difference per loss, auto vs reference: "
+                    + ", ".join(f"{k} {r:.2e} (step {st})" for k, (r, st) in worst.items()))  # fmt: skip
+        figs.append(f"- bound (tests/test_kernels_e2e.py): relative {ON_OFF_REL[0]:g} at step 1, {ON_OFF_REL[1]:g} "
+                    f"after, absolute {ON_OFF_ABS:g}")  # fmt: skip
+        figs.append(f"- final loss: reference {ref[-1]['loss']:.6f}, auto {auto[-1]['loss']:.6f}")
+        if bad:
+            return Result("FAIL", f"{len(bad)} step losses beyond the bound, first: {bad[0]}", figs, "\n".join(bad))
+        rel, st = max(worst.values())
+        return Result("PASS", f"{steps} fp32 steps, every loss within the bound (max relative diff {rel:.1e}, "
+                      f"step {st})", figs)  # fmt: skip
+
     def part_benchmarks(self) -> Result:
+        # step.py: the recipe with the kernels on and off, alternating, each child profiling one step after its
+        # timed ones; MFU against the GEMM peak measured in the same run, in the step's dtype (bf16 on CUDA)
+        step = ["--case", "recipe", "--kernels", "auto", "reference", "--profile"]
         if self.device == "cuda":
-            step = ["--case", "video", "--steps", "5", "--warmup", "2", "--threads", "4"]
-            kern = ["--reps", "10", "--warmup", "3", "--threads", "4", "--providers", "eager", "chunked", "triton"]
+            step += ["--steps", "5", "--warmup", "3", "--threads", "4"]
+            # at the recipe's shapes in bf16 (what autocast hands the ops there); the first call of each Triton
+            # shape tunes (a compile and a 25 ms benchmark per config), the warm-up calls absorb it
+            kern = ["--batch", "recipe", "--dtype", "bfloat16", "--reps", "10", "--warmup", "3", "--threads", "4",
+                    "--providers", "eager", "chunked", "triton"]  # fmt: skip
         else:
-            step = ["--case", "image", "--steps", "2", "--warmup", "1", "data.batch_size=2", "data.input_size=64",
-                    "model.arch=vit_tiny", "teacher.model.arch=vit_tiny"]  # fmt: skip
+            step += ["--steps", "1" if self.args.quick else "3", "--warmup", "2", *RECIPE_CPU]
             kern = ["--batch", "paper", "--reps", "3", "--warmup", "1", "--no-memory",
                     "--providers", "eager", "chunked", "native"]  # fmt: skip
             if self.args.quick:
                 kern += ["--op", "alignment_loss"]
-                step[step.index("--steps") + 1] = "1"
         figs, errors, failed, step_lines = [], [], [], []
         for name, script, args in (("step", "benchmarks/step.py", step), ("kernels", "benchmarks/kernels.py", kern)):
             cmd = [self.py, script, "--device", self.device, "--csv", str(self.out / f"{name}.csv"), *args]
             rc, out = self.run(cmd, cap=STEP_BENCH_TIMEOUT[self.mode] if name == "step" else None)
             figs.append(f"\n`{' '.join(cmd[1:])}`" + (f" — FAILED (rc {rc})" if rc else "") + "\n")
             lines = [ln for ln in out.splitlines() if _is_figure(name, ln)]
-            step_lines += lines if name == "step" else []
+            step_lines += [ln for ln in lines if "s/step" in ln] if name == "step" else []
             figs.append("```\n" + ("\n".join(lines) if lines else "(no figures printed)") + "\n```")
             if rc != 0:
                 failed.append(name)
@@ -337,21 +413,44 @@ class Check:
             figs.append("\nkernels.py here leaves out the torch.compile providers (their inductor compiles would "
                         "not fit the budget): `python3 benchmarks/kernels.py --device cuda` gives the whole "
                         "table.")  # fmt: skip
+        # "recipe [glibc, kernels=auto]: 0.123 s/step ... MFU 0.412, peak GPU memory 40.10 GiB"
+        #   -> "kernels=auto 0.123 s/step, MFU 0.412, 40.10 GiB"
+        pattern = r"(kernels=\w+)\]: ([\d.]+) s/step.*MFU ([\d.]+), peak .* ([\d.]+) GiB"
+        heads = [f"{m[1]} {m[2]} s/step, MFU {m[3]}, {m[4]} GiB" for m in map(re.compile(pattern).search, step_lines)
+                 if m]  # fmt: skip
+        summary = "recipe: " + ("; ".join(heads) or "no timing")
         if failed:
-            return Result("FAIL", f"{' and '.join(failed)} failed", figs, "\n\n".join(errors))
-        return Result("PASS", f"{step_lines[0].split(',')[0] if step_lines else '?'} (step.py); kernels.py ran", figs)
+            return Result("FAIL", f"{' and '.join(failed)} failed; {summary}", figs, "\n\n".join(errors))
+        return Result("PASS", f"{summary}; kernels.py ran", figs)
+
+    def wheel_env(self) -> tuple[dict, list[str]]:
+        """--wheels DIR: its wheels that this interpreter can install (pip refuses a foreign tag, e.g. a cp312 wheel
+        on 3.11, even with --no-deps --target, and then installs none), installed offline without resolving (pip
+        would reach for torch) into a scratch directory under --work, which goes on PYTHONPATH after the checkout.
+        Returns that environment (self.env without --wheels) and the report's lines."""
+        env = dict(self.env)
+        if not self.args.wheels:
+            return env, []
+        from packaging.tags import sys_tags
+        from packaging.utils import parse_wheel_filename
+
+        ours = set(sys_tags())
+        wheels = sorted(Path(self.args.wheels).resolve().glob("*.whl"))
+        usable = [w for w in wheels if parse_wheel_filename(w.name)[3] & ours]
+        target = self.work / "wheels-target"
+        rc, out = self.run([self.py, "-m", "pip", "install", "--no-index", "--no-deps", "--target", target, *usable])
+        figs = [f"- offline install of {len(usable)} of the {len(wheels)} wheels in {self.args.wheels} into "
+                f"{target}: {'ok' if rc == 0 else f'rc {rc}: ' + _error_line(out)}"]  # fmt: skip
+        if len(usable) < len(wheels):
+            left = [w.name for w in wheels if w not in usable]
+            figs.append(f"- left out (not for this interpreter): {', '.join(left)}")
+        if rc == 0:
+            env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(target)])  # after the checkout
+        return env, figs
 
     def part_deepspeed(self) -> Result:
-        env = dict(self.env)
-        figs = []
-        if self.args.wheels:  # offline: every wheel there, without resolving (pip would reach for torch)
-            target = Path(tempfile.mkdtemp(prefix="gpu_check_ds_"))
-            wheels = sorted(Path(self.args.wheels).glob("*.whl"))
-            rc, out = self.run([self.py, "-m", "pip", "install", "--no-index", "--no-deps", "--target", target,
-                                *wheels])  # fmt: skip
-            figs.append(f"- offline install of {len(wheels)} wheels from {self.args.wheels}: rc {rc}")
-            env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(target)])  # after the checkout
-        probe = "import deepspeed; print(deepspeed.__version__)"
+        env, figs = self.wheel_env()
+        probe = "import os, deepspeed; print(deepspeed.__version__, 'from', os.path.dirname(deepspeed.__file__))"
         rc, out = self.run([self.py, "-c", probe], env=env)
         if rc != 0:
             why = _error_line(out) or "import failed"
@@ -369,32 +468,44 @@ class Check:
         figs.append(f"- deepspeed {out.strip().splitlines()[-1]}")
         steps = 10 if self.device == "cuda" else 2 if self.args.quick else 4
         data = self.work / "data" / "fashion-mnist"
-        teacher = self.teacher if self.teacher and self.teacher.exists() else None
-        overrides = ["--config", "configs/tiny_image_amd.yaml", f"data.root={data}", "data.size=0",
-                     *TRAIN_COMMON, *(TRAIN_GPU if self.device == "cuda" else TRAIN_CPU),
-                     f"train.steps={steps}", f"train.save_interval={steps}", "train.log_interval=1",
-                     "train.autocast=auto", "dist.engine=deepspeed",
-                     f"dist.deepspeed_config={'zero2_bf16' if self.device == 'cuda' else 'zero2'}",
-                     f"train.output_dir={self.work / 'deepspeed'}"]  # fmt: skip
-        overrides += [f"teacher.checkpoint={teacher}"] if teacher else ["teacher.pretrain_steps=2"]
         if not data.exists():
             write_synthetic_fashion_mnist(data, 64)
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        teacher = self.teacher if self.teacher and self.teacher.exists() else None
+        base = ["--config", "configs/tiny_image_amd.yaml", f"data.root={data}", "data.size=0",
+                *TRAIN_COMMON, *(TRAIN_GPU if self.device == "cuda" else TRAIN_CPU),
+                f"train.steps={steps}", f"train.save_interval={steps}", "train.log_interval=1",
+                "train.autocast=auto", "dist.engine=deepspeed"]  # fmt: skip
+        base += [f"teacher.checkpoint={teacher}"] if teacher else ["teacher.pretrain_steps=2"]
+        figs.append(f"- `train.py {' '.join(base)} dist.deepspeed_config=... train.output_dir=...` (one rank)")
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         if self.device == "cpu":
             env["DS_ACCELERATOR"] = "cpu"
-        rc, out = self.run([self.py, "amd_fast/train.py", *overrides], env=env)
-        figs.append(f"- `train.py {' '.join(overrides)}` (one rank)")
-        if rc != 0:
-            return Result("FAIL", f"ZeRO-2 on one {self.device} rank failed: {_error_line(out)}", figs, _tail(out, 40))
-        last = _last_metrics(self.work / "deepspeed" / "metrics.jsonl")
-        engine_line = next((ln.split("engine: ", 1)[1] for ln in out.splitlines() if "engine: DeepSpeed" in ln), "?")
-        figs.append(f"- {engine_line}")
-        loss = last.get("loss", float("nan"))
-        figs.append(f"- step {last.get('step')}: loss {loss:.5f}, {last.get('clips_per_s', 0):.0f} clips/s, "
-                    f"peak memory {last.get('peak_mem_gib', 0):.2f} GiB")  # fmt: skip
-        if not (self.work / "deepspeed" / f"checkpoint-{steps}").is_dir():
-            return Result("FAIL", f"no checkpoint-{steps} directory written", figs, _tail(out, 20))
-        return Result("PASS", f"ZeRO-2 on one {self.device} rank: {steps} steps, loss {loss:.5f}", figs)
+        # bf16 is what a GPU run uses (configs/deepspeed/*_bf16.json: DeepSpeed's bf16 engine, fp32 master weights);
+        # ZeRO-3 partitions the parameters too, a different code path from ZeRO-2's
+        done, failed, errors = [], [], []
+        for config, what in (("zero2_bf16", "ZeRO-2 bf16"), ("zero3_bf16", "ZeRO-3 bf16")):
+            out_dir = self.work / f"deepspeed-{config}"
+            env["MASTER_PORT"] = str(_free_port())
+            rc, out = self.run([self.py, "amd_fast/train.py", *base, f"dist.deepspeed_config={config}",
+                                f"train.output_dir={out_dir}"], env=env)  # fmt: skip
+            last = _last_metrics(out_dir / "metrics.jsonl")
+            if rc != 0 or not (out_dir / f"checkpoint-{steps}").is_dir():
+                why = _error_line(out) if rc != 0 else f"no checkpoint-{steps} directory written"
+                figs.append(f"- {what}: FAILED: {why}")
+                failed.append(f"{what}: {why}")
+                errors.append(f"{what}:\n{_tail(out, 30)}")
+                continue
+            engine = next((ln.split("engine: ", 1)[1] for ln in out.splitlines() if "engine: DeepSpeed" in ln), "?")
+            loss = last.get("loss", float("nan"))
+            figs.append(f"- {what}: {engine}; step {last.get('step')}: loss {loss:.5f}, "
+                        f"{last.get('clips_per_s', 0):.0f} clips/s, "
+                        f"peak memory {last.get('peak_mem_gib', 0):.2f} GiB")  # fmt: skip
+            done.append(f"{what} loss {loss:.5f}")
+        where = f"one {self.device} rank, {steps} steps"
+        if failed:
+            return Result("FAIL", f"{where}: " + "; ".join(done + [f"FAILED {f}" for f in failed]), figs,
+                          "\n\n".join(errors))  # fmt: skip
+        return Result("PASS", f"{where}: " + "; ".join(done), figs)
 
     # ------------------------------------------------------------------------------------------
     # the report
@@ -402,7 +513,7 @@ class Check:
     def run_all(self) -> int:
         self._log(f"=== gpu_check {self.mode} mode, python {self.py}, out {self.out}")
         for part in PARTS:
-            if self.args.parts and part.split()[0] not in self.args.parts:
+            if self.args.parts and _key(part) not in self.args.parts:
                 continue
             t0 = time.monotonic()
             if part != "environment" and self.results.get("environment", Result("PASS", "")).status == "FAIL" \
@@ -414,7 +525,7 @@ class Check:
                 self._log(f"=== part: {part}")
                 self.part_deadline = time.monotonic() + TIMEOUTS[self.mode][part]
                 try:
-                    res = getattr(self, "part_" + part.replace(" ", "_"))()
+                    res = getattr(self, "part_" + re.sub(r"\W", "_", part))()
                 except Exception as e:  # a bug in this script: report it, go on with the next part
                     import traceback
 
@@ -735,8 +846,8 @@ def _junit_by_backend(path: Path) -> dict:
 
 
 def _is_figure(name: str, line: str) -> bool:
-    if name == "step":
-        return "s/step" in line
+    if name == "step":  # a case's timing line and its profile's lines
+        return "s/step" in line or line.startswith("  profile: ")
     return line.startswith(("providers:", "alignment_loss/", "gather/", "  "))
 
 
@@ -771,29 +882,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv=None) -> int:
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
-        sys.path.insert(0, str(ROOT))
-        print(json.dumps(CHILDREN[sys.argv[2]](*sys.argv[3:])), flush=True)
-        return 0
+def compare_losses(ref: list[dict], other: list[dict]) -> tuple[dict, list[str]]:
+    """Two runs' per-step metrics.jsonl records held to ON_OFF_REL / ON_OFF_ABS, loss by loss: ({loss: (largest
+    relative difference, its step)}, a line for each value beyond the bound)."""
+    worst: dict = {}
+    bad = []
+    for i, (a, b) in enumerate(zip(ref, other)):
+        for k in (k for k in a if k not in NOT_LOSSES):
+            diff = abs(b[k] - a[k])
+            tol = max(ON_OFF_REL[0 if i == 0 else 1] * abs(a[k]), ON_OFF_ABS)
+            worst[k] = max(worst.get(k, (0.0, 0)), (diff / abs(a[k]) if a[k] else diff, a["step"]))
+            if not diff <= tol:  # a NaN fails too
+                bad.append(
+                    f"step {a['step']} {k}: reference {a[k]:.9g}, auto {b[k]:.9g}: |diff| {diff:.3g} > {tol:.3g}"
+                )
+    return worst, bad
+
+
+def _key(part: str) -> str:
+    """A part's name on the command line (--parts): its first word."""
+    return re.split(r"[ /]", part)[0]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="the report's directory (created): report.md, gpu_check.log, the runs' outputs")
     p.add_argument("--cpu", action="store_true", help="run every part on the CPU, at small sizes")
     p.add_argument("--quick", action="store_true", help="with --cpu: fewer kernel tests, 10 training steps (the test)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds the whole check may take (default 540 on a GPU, 300 with --cpu); "
+                   help="seconds the whole check may take (default 520 on a GPU, 600 with --cpu); "
                    "each part's timeout is cut to what is left")  # fmt: skip
-    p.add_argument("--parts", nargs="+", choices=[x.split()[0] for x in PARTS], help="run only these parts")
+    p.add_argument("--parts", nargs="+", choices=[_key(x) for x in PARTS],
+                   help="run only these parts (kernels: kernels on/off, kernel: kernel tests)")  # fmt: skip
     p.add_argument("--work", default="", help="where the runs and the data go (default: a temporary directory)")
     p.add_argument("--keep-work", action="store_true", help="keep the work directory (default: removed at the end)")
-    p.add_argument("--wheels", default="", help="a directory of wheels to install deepspeed from, offline (part 6)")
+    p.add_argument("--wheels", default="",
+                   help="a directory of wheels to install deepspeed from, offline (part 7); wheels for another "
+                   "Python or platform are left out")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick and not args.cpu:
         p.error("--quick goes with --cpu")
     if args.budget is None:
-        args.budget = 300.0 if args.cpu else 540.0
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    return Check(args).run_all()
+        args.budget = 600.0 if args.cpu else 520.0
+    return args
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(CHILDREN[sys.argv[2]](*sys.argv[3:])), flush=True)
+        return 0
+    return Check(parse_args(argv)).run_all()
 
 
 if __name__ == "__main__":

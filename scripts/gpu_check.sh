@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (scripts/gpu_check.py has the whole story): environment, kernel tests on the device,
-# attention backends, a bf16 training run stopped and resumed, the step and kernel benchmarks, DeepSpeed ZeRO-2.
+# attention backends, a bf16 training run stopped and resumed, an fp32 run with the kernels on and off, the recipe's
+# step (kernels on / off, profiled) and the kernel benchmarks, DeepSpeed ZeRO-2 and ZeRO-3 in bf16. ~8 minutes.
 #
 #   bash scripts/gpu_check.sh OUT                                      # a GPU machine: its python3, no venv
 #   PYTHON=.venv/bin/python bash scripts/gpu_check.sh OUT --cpu        # every part on this CPU, small sizes
