@@ -429,6 +429,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _set_dotted(tree, key, _parse_override(raw))
     cfg = _from_dict(root, tree)
     {Config: validate, FinetuneRunConfig: validate_finetune, ProbeRunConfig: validate_probe}[root](cfg)
+    check_output_dir(cfg)  # here, at start: a config read back from a checkpoint (from_dict) names a past run's folder
     return cfg
 
 
@@ -509,6 +510,22 @@ def check_data(cfg) -> None:
         )
     if d.dataset == "video_list" and not d.list_file:
         raise ConfigError("data.dataset=video_list needs data.list_file (a 'path label' list of video files)")
+
+
+def check_output_dir(cfg) -> None:
+    """train.output_dir, for every config root: a folder the run can own. Pre-training writes the teacher it makes into
+    `<output_dir>/teacher`: an empty one would put the run into the working folder and the teacher into /teacher."""
+    d = cfg.train.output_dir
+    full = os.path.abspath(d)
+    if not d.strip():
+        why = "is empty"
+    elif os.path.dirname(full) == full:
+        why = "is the filesystem root"
+    elif os.path.exists(full) and not os.path.isdir(full):
+        why = "is a file"
+    else:
+        return
+    raise ConfigError(f"train.output_dir={d!r} {why}: give the folder this run writes into (created if missing)")
 
 
 def validate_probe(cfg: ProbeRunConfig) -> None:

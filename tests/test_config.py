@@ -1,8 +1,9 @@
+import re
 from pathlib import Path
 
 import pytest
 
-from amd_fast.config import ConfigError, FinetuneRunConfig, ProbeRunConfig, load_config
+from amd_fast.config import Config, ConfigError, FinetuneRunConfig, ProbeRunConfig, load_config
 
 PRESETS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -72,3 +73,23 @@ def test_yaml_boolean_words_are_read_as_the_user_meant(tmp_path):
         load_config(preset)
     with pytest.raises(ConfigError, match=r"train.autocast='bf16' is not allowed"):
         load_config(None, ["train.autocast=bf16"])
+
+
+@pytest.mark.parametrize("root", [Config, FinetuneRunConfig, ProbeRunConfig], ids=lambda r: r.__name__)
+def test_output_dir_that_cannot_hold_a_run_is_refused(root, tmp_path):
+    """An empty train.output_dir wrote the run into the working folder and a pre-trained teacher into /teacher (its
+    `<output_dir>/teacher`); the filesystem root and a file are no run folders either. Refused at start, naming the
+    field and what was typed."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    for typed, why in (("", "is empty"), ("/", "is the filesystem root"), ("//", "is the filesystem root"),
+                       (str(a_file), "is a file")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"^train.output_dir={re.escape(repr(typed))} {why}"):
+            load_config(None, [f"train.output_dir={typed}"], root=root)
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  output_dir: ''\n")
+    with pytest.raises(ConfigError, match=r"^train.output_dir='' is empty"):
+        load_config(preset, root=root)
+    assert load_config(None, [f"train.output_dir={tmp_path / 'run'}"], root=root).train.output_dir == str(
+        tmp_path / "run"
+    )

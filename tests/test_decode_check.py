@@ -28,6 +28,7 @@ from amd_fast.data import (
 from amd_fast.data import decode_check as dc
 from amd_fast.data.corpus import sequential_frames, verify, windows, write_corpus
 from amd_fast.data.decoders import PyAVDecoder, available
+from amd_fast.pretraining import pretrain_task
 from amd_fast.trainer import Trainer
 
 pytest.importorskip("av", reason="the video extra is not installed (pip install -e .[video])")
@@ -171,6 +172,49 @@ def test_damaged_windows_are_skipped_named_and_logged_once(corpus, tmp_path, cap
     assert f"{path} x{skips.run_counts[0]} (window" in caplog.text  # the epoch summary
 
 
+def _repeat_cut_packet(src, dst, first: int) -> None:
+    """``src`` remuxed with every packet from ``first`` on replaced by packet ``first`` cut to 4/5 of its bytes: the
+    file's last frames each decode with the same FFmpeg error line."""
+    import av
+
+    with av.open(str(src)) as c:
+        packets = [(bytes(p), p.pts, p.dts, p.time_base, p.is_keyframe) for p in c.demux(video=0) if p.size]
+    cut = packets[first][0][: len(packets[first][0]) * 4 // 5]
+    with av.open(str(src)) as ic, av.open(str(dst), mode="w") as oc:
+        out = oc.add_stream_from_template(ic.streams.video[0])
+        for j, (raw, pts, dts, tb, key) in enumerate(packets):
+            p = av.Packet(cut if j >= first else raw)
+            p.pts, p.dts, p.time_base, p.is_keyframe, p.stream = pts, dts, tb, key, out
+            oc.mux(p)
+
+
+def test_ffmpeg_messages_in_a_verdict_are_the_files_own(corpus, tmp_path):
+    """PyAV's log handler is process-wide and holds back a line that repeats the one before, counting it, until
+    another arrives: a file whose decode ended in repeated errors put them into the next file's verdict (cached, and
+    shown in training's skip logs), and a file whose errors repeated the last ones logged reported none."""
+    import av.logging
+
+    files, _ = corpus
+    repeats = tmp_path / "mjpeg_repeated_error.avi"
+    _repeat_cut_packet(files["mjpeg.avi"][0], repeats, first=60)
+    damaged = str(files["h264_corrupt_slice.mp4"][0])
+    own = DecodeCheck(PyAVDecoder(), str(tmp_path / "a")).check(str(repeats)).errors
+    assert own and all(e.startswith("mjpeg: ") for e in own), own
+    assert DecodeCheck(PyAVDecoder(), str(tmp_path / "b")).check(str(repeats)).errors == own  # the same file again
+    check = DecodeCheck(PyAVDecoder(), str(tmp_path / "c"))
+    rec = check.check(damaged)
+    assert rec.damaged and rec.errors and all(e.startswith("h264: ") for e in rec.errors), rec.errors
+    assert "mjpeg" not in rec.note(check.name)
+    # PyAV's logging turned on by the user: a decode outside the check leaves repeats held back; still the file's own
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        sequential_frames(repeats)
+    finally:
+        av.logging.set_level(level)
+    assert DecodeCheck(PyAVDecoder(), str(tmp_path / "d")).check(damaged).errors == rec.errors
+
+
 def dc_sampler():
     from amd_fast.data import ClipSampler
 
@@ -211,7 +255,7 @@ def test_training_on_the_whole_corpus_sees_only_the_frames_of_a_sequential_decod
     """
     files, lst = corpus
     cfg = load_config(None, VIDEO_TINY + [f"data.list_file={lst}", f"train.output_dir={tmp_path}", "train.steps=6"])
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, pretrain_task)
     ds = trainer.dataset
     ref = FileClips(ds.entries, input_size=ds.input_size, sampler=ds.sampler, seed=ds.seed, mask_fn=ds.mask_fn,
                     num_sample=ds.num_sample, decoder="pyav", check=False)  # fmt: skip

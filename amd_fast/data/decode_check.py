@@ -31,6 +31,7 @@ FFmpeg's message; the rest of the file is used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -48,7 +49,7 @@ from .decoders import BadVideo, DamagedWindow, Pick, PyAVDecoder, reason_of
 
 log = logging.getLogger(__name__)
 
-CHECK_VERSION = 1  # bump when the check's logic changes: cached verdicts of older versions are not reused
+CHECK_VERSION = 2  # bump when the check's logic changes: cached verdicts of older versions are not reused
 # Mean |difference| (uint8 levels) allowed between two correct decodes of a frame by different libraries. Measured
 # on the corpus: torchcodec (Debian's FFmpeg 5.1), decord (its bundled FFmpeg 4.1) and PyAV (its bundled libavcodec
 # 62) are bit-identical on every 8-bit file; on a 10-bit H.264 clip (lavfi testsrc2) their RGB conversions differ by
@@ -99,6 +100,32 @@ def _damage_ranges(corrupt: list[int], keys: list[int], n: int) -> list[tuple[in
     return out
 
 
+@contextlib.contextmanager
+def _ffmpeg_log():
+    """-> the list of FFmpeg's error lines, ``(level, name, message)``, logged on this thread inside the block, and
+    only those (a loader worker is a process of its own).
+
+    PyAV's log handler is process-wide and holds back a line that repeats the one before, counting it, until another
+    line arrives: the tally then lands in whatever capture is open, the next file's, and that file's own lines, when
+    they repeat the last ones, are counted and never emitted. So inside the block every line is emitted as logged (the
+    caller deduplicates), and a tally held back from before (a decode elsewhere with PyAV's logging on) is flushed
+    into a capture that is dropped.
+    """
+    import av.logging
+
+    level, skip = av.logging.get_level(), av.logging.get_skip_repeated()
+    av.logging.set_level(av.logging.ERROR)  # FFmpeg's error lines go to the capture, not to stderr
+    av.logging.set_skip_repeated(False)
+    try:
+        with av.logging.Capture():
+            av.logging.log(av.logging.PANIC, "", "")  # unlike any line before: emits a held-back tally here
+        with av.logging.Capture() as logs:
+            yield logs
+    finally:
+        av.logging.set_skip_repeated(skip)
+        av.logging.set_level(level)
+
+
 def reference_scan(path: str) -> Reference:
     """Decode ``path`` from start to end with PyAV on one thread; convert only the probe frames to RGB.
 
@@ -108,7 +135,6 @@ def reference_scan(path: str) -> Reference:
     ``is_corrupt`` (it concealed an error) and FFmpeg's error lines.
     """
     import av
-    import av.logging
 
     with av.open(path) as container:  # demux pass: seek points and a frame estimate, no decoding
         stream = container.streams.video[0]
@@ -131,10 +157,8 @@ def reference_scan(path: str) -> Reference:
     ring: deque = deque(maxlen=2)
     keep_until = -1
     stopped = ""
-    level = av.logging.get_level()
-    av.logging.set_level(av.logging.ERROR)  # FFmpeg's error lines go to the capture, not to stderr
-    try:
-        with av.logging.Capture() as logs, av.open(path) as container:
+    with _ffmpeg_log() as logs:
+        with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "NONE"  # loader workers are the parallelism
             i = -1
@@ -157,14 +181,12 @@ def reference_scan(path: str) -> Reference:
                 stopped = f"decoding stopped after frame {i}: {exc}"
             n = i + 1
             kept.update(ring)  # the last two frames
-    finally:
-        av.logging.set_level(level)
     if n == 0:
         raise BadVideo(stopped or "no frame decodes")
     targets.update((min(middle, n - 1), n - 1))
     targets = {t for t in targets if 0 <= t < n}
     need = {t + d for t in targets for d in (-1, 0, 1)} & kept.keys()
-    errors = list(dict.fromkeys(f"{name}: {msg.strip()}" for lvl, name, msg in logs if lvl <= av.logging.ERROR))
+    errors = list(dict.fromkeys(f"{name}: {msg.strip()}" for lvl, name, msg in logs))
     rgb = {j: kept[j].to_ndarray(format="rgb24") for j in sorted(need)}
     return Reference(
         frames=n, declared=declared, pts=pts, keys=keys, rgb=rgb, targets=sorted(targets),
