@@ -1,4 +1,6 @@
-"""Choices `auto` makes by measuring this machine once: the training precision and the attention backend.
+"""Choices `auto` makes by measuring this machine once: the training precision (amd_fast/device.py), the attention
+backend and the kernels' backends (amd_fast.kernels.backend). This module is a leaf (torch only): its callers hand
+it their trials.
 
 A CPU flag says what a CPU can do, not how fast it does it. Measured with torch 2.13 on 2 threads, the same flags
 (AVX-512-BF16, no AMX) give bf16 GEMMs at 4.4x the fp32 rate on an AMD EPYC (family 26) and at half of it on an
@@ -7,15 +9,18 @@ attention's GEMMs do. So each choice is a short trial of the real code, timed on
 flags, or GPU name; torch version) and cached as JSON under $AMD_FAST_CACHE/choices (default
 ~/.cache/amd_fast/choices), with the figures that decided it, which the log repeats.
 
-- precision: a ViT-S block (width 384, 6 heads) on 392 tokens (the paper's teacher input), forward + backward, in
-  fp32 and under bf16 autocast (its non-GEMM ops included; ~1 s in all); bf16 when it takes less than 1/1.1 of
-  fp32's time;
+- precision (device.py): a ViT-S block (width 384, 6 heads) on 392 tokens (the paper's teacher input), forward +
+  backward, in fp32 and under bf16 autocast (its non-GEMM ops included; ~1 s in all); bf16 when it takes less
+  than 1/1.1 of fp32's time;
 - attention: each backend that can run, forward (+ backward when the call needs gradients) on random tensors of
   the call's shape class (query and key counts bucketed to powers of two, head width, batch x heads bucketed);
-  the fastest. On CUDA the explicit `math` attention is not tried (its N x N matrix at a GPU's batch is GiBs).
+  the fastest. On CUDA the explicit `math` attention is not tried (its N x N matrix at a GPU's batch is GiBs);
+- kernels: each backend of an op (Triton, the C++ / chunked twins, plain PyTorch) on the call's own inputs at
+  their shape class, forward (+ backward); the fastest, so `auto` runs plain PyTorch where a kernel loses.
 
-`AMD_FAST_FAKE_TIMINGS` (JSON: {"precision": {"float32": s, "bfloat16": s}, "attention": {backend: s}}) replaces
-the trials' timings, not the decision; the test suite sets it so that no test depends on the CPU it runs on.
+`AMD_FAST_FAKE_TIMINGS` (JSON: {"precision": {"float32": s, "bfloat16": s}, "attention": {backend: s},
+"kernels": {backend: s}}) replaces the trials' timings, not the decision; the test suite sets it so that no test
+depends on the CPU it runs on.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BF16_MARGIN = 1.1  # bf16 must beat fp32 by this factor: a tie goes to the more exact one
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 
 
@@ -98,7 +102,7 @@ def measured(what: str, device: torch.device, trial) -> dict:
     return _memo[key]
 
 
-def _time(fn, reps: int = 3, sync=lambda: None) -> float:
+def time_call(fn, reps: int = 3, sync=lambda: None) -> float:
     fn()  # warm: allocations, oneDNN's kernel choice, lazy inits
     best = float("inf")
     for _ in range(reps):
@@ -110,94 +114,51 @@ def _time(fn, reps: int = 3, sync=lambda: None) -> float:
     return best
 
 
-def _sync(device: torch.device):
+def sync_of(device: torch.device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 # ---------------------------------------------------------------------------------------------
-# precision
+# the fastest of several ways to run one call
 
 
-def _precision_trial(device: torch.device) -> dict:
-    from amd_fast.models.vit import Block
-
-    gen = torch.Generator().manual_seed(0)
-    block = Block(384, 6).to(device)
-    x = torch.randn(1, 392, 384, generator=gen).to(device).requires_grad_()
-    g = torch.randn(1, 392, 384, generator=gen).to(device)
-
-    def step(dtype):
-        def run():
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                out = block(x)
-            out.backward(g.to(out.dtype))
-            block.zero_grad(set_to_none=True)
-            x.grad = None
-
-        return run
-
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        # interleaved, best of each: a busy moment of a shared machine must not decide
-        out: dict[str, float] = {}
-        for dt in (torch.float32, torch.bfloat16) * 2:
-            name = str(dt).removeprefix("torch.")
-            out[name] = min(out.get(name, float("inf")), _time(step(dt), reps=2, sync=_sync(device)))
-        return out
-
-
-def fast_cpu_dtype() -> tuple[torch.dtype, str]:
-    """bf16 or fp32 for a CPU, by the measured block trial -> (dtype, the reason with its figures)."""
-    res = measured("precision", torch.device("cpu"), lambda: _precision_trial(torch.device("cpu")))
-    t = res["timings"]
-    fp32, bf16 = t["float32"], t["bfloat16"]
-    dt = torch.bfloat16 if bf16 * BF16_MARGIN < fp32 else torch.float32
-    why = (f"measured a ViT-S block fwd+bwd: bf16 {bf16 * 1e3:.1f} ms vs fp32 {fp32 * 1e3:.1f} ms "
-           f"({fp32 / bf16:.2f}x) on {res['machine']}{', cached' if res.get('cached') else ''}")  # fmt: skip
-    return dt, why
-
-
-# ---------------------------------------------------------------------------------------------
-# attention
-
-
-def _bucket(n: int) -> int:
+def bucket(n: int) -> int:
+    """A count rounded up to a power of two: the unit of the shape classes."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+def fastest(what: str, device: torch.device, trials: dict) -> tuple[str, str]:
+    """trials: {option: a zero-argument call}; each timed (best of 3 after a warm-up call) once per machine and
+    `what` (the kind of call and its shape class) -> (the fastest option, the reason with the figures)."""
+    res = measured(what, device, lambda: {n: time_call(fn, sync=sync_of(device)) for n, fn in trials.items()})
+    t = {n: s for n, s in res["timings"].items() if n in trials}
+    best = min(t, key=t.get)
+    figs = ", ".join(f"{n} {s * 1e3:.2f} ms" for n, s in sorted(t.items(), key=lambda x: x[1]))
+    return best, f"measured {what.split('/', 1)[-1]}: {figs}{', cached' if res.get('cached') else ''}"
 
 
 def attention_class(q: torch.Tensor, k: torch.Tensor, grad: bool) -> str:
     """The shape class an attention measurement stands for: [B*H, Nq, Nk] bucketed, the head width, grad."""
     bh = q.shape[0] * q.shape[1]
-    return f"bh{_bucket(bh)} q{_bucket(q.shape[2])} k{_bucket(k.shape[2])} d{q.shape[3]} {'fwd+bwd' if grad else 'fwd'}"
-
-
-def _attention_trial(impls: dict, q, k, grad: bool) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    dev, dt = q.device, q.dtype
-    qs, ks = tuple(q.shape), tuple(k.shape)
-    q_, k_, v_ = (torch.randn(s, generator=gen).to(dev, dt).requires_grad_(grad) for s in (qs, ks, ks))
-
-    def run(fn):
-        def call():
-            out = fn(q_, k_, v_)
-            if grad:
-                out.backward(torch.ones_like(out))
-                q_.grad = k_.grad = v_.grad = None
-
-        return call
-
-    out = {}
-    with torch.enable_grad() if grad else torch.no_grad():
-        for name, fn in impls.items():
-            out[name] = _time(run(fn), sync=_sync(dev))
-    return out
+    return f"bh{bucket(bh)} q{bucket(q.shape[2])} k{bucket(k.shape[2])} d{q.shape[3]} {'fwd+bwd' if grad else 'fwd'}"
 
 
 def fastest_attention(impls: dict, q: torch.Tensor, k: torch.Tensor, grad: bool) -> tuple[str, str]:
-    """The fastest of `impls` ({name: fn}) at this call's shape class -> (name, the reason with its figures)."""
-    cls = attention_class(q, k, grad)
-    what = f"attention/{q.device.type} {str(q.dtype).removeprefix('torch.')} {cls}"
-    res = measured(what, q.device, lambda: _attention_trial(impls, q, k, grad))
-    t = {n: s for n, s in res["timings"].items() if n in impls}
-    best = min(t, key=t.get)
-    figs = ", ".join(f"{n} {s * 1e3:.2f} ms" for n, s in sorted(t.items(), key=lambda x: x[1]))
-    return best, f"measured at {cls}: {figs}{', cached' if res.get('cached') else ''}"
+    """The fastest of `impls` ({name: fn(q, k, v)}) at this call's shape class, timed on random tensors of its
+    shape -> (name, the reason with its figures)."""
+    gen = torch.Generator().manual_seed(0)
+    dev, dt = q.device, q.dtype
+    q_, k_, v_ = (torch.randn(s, generator=gen).to(dev, dt).requires_grad_(grad) for s in (q.shape, k.shape, k.shape))
+
+    def call(fn):
+        def run():
+            with torch.enable_grad() if grad else torch.no_grad():
+                out = fn(q_, k_, v_)
+                if grad:
+                    out.backward(torch.ones_like(out))
+                    q_.grad = k_.grad = v_.grad = None
+
+        return run
+
+    what = f"attention/{dev.type} {str(dt).removeprefix('torch.')} {attention_class(q, k, grad)}"
+    return fastest(what, dev, {n: call(fn) for n, fn in impls.items()})

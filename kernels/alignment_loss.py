@@ -590,12 +590,35 @@ def fused_alignment_loss(
     backend: str | None = None,
 ):
     """`alignment_loss_reference` fused: h [..., Ds], weight [Dt, Ds], target [..., Dt] (may be a row-strided
-    view) -> loss, or (loss, z) with return_z. backend None: `backend.resolve` (auto / the selected one)."""
+    view) -> loss, or (loss, z) with return_z. backend None: `backend.resolve` (the selected one; auto: the
+    fastest at this call's shape class, measured once)."""
     if distance not in DISTANCES:
         raise ValueError(f"distance {distance!r} is unknown; allowed: {', '.join(DISTANCES)}")
     if target_norm not in TARGET_NORMS or pred_norm not in ("none", "l2"):
         raise ValueError(f"pred_norm {pred_norm!r} / target_norm {target_norm!r}: allowed none/l2, none/layernorm/l2")
-    if (backend or _backend.selected()) == "reference":  # plain PyTorch: autocast sees every op
+    opts = (ln_eps, pred_norm, target_norm, target_eps, distance, return_z, recompute, chunk_size)
+    if backend is None:
+        dev = h.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+        grad = torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (h, weight, bias, ln_weight, ln_bias)
+        )
+        shape = (f"r{tune_rows(h.numel() // h.shape[-1])}", f"s{h.shape[-1]}", f"t{weight.shape[0]}", distance,
+                 f"{pred_norm}/{target_norm}", "ln" if ln_weight is not None else "", "z" if return_z else "",
+                 "fwd+bwd" if grad else "fwd")  # fmt: skip
+
+        def trials(names):
+            xs = _backend.trial_inputs(h, weight, bias, target, ln_weight, ln_bias)
+            return {n: lambda n=n: _backend.finish_trial(_call(n, *xs, *opts), grad) for n in names}
+
+        backend = _backend.resolve("alignment_loss", dev, dtype, shape, trials)
+    return _call(backend, h, weight, bias, target, ln_weight, ln_bias, *opts)
+
+
+def _call(name, h, weight, bias, target, ln_weight, ln_bias, ln_eps, pred_norm, target_norm, target_eps, distance,
+          return_z, recompute, chunk_size):  # fmt: skip
+    """The loss on backend `name` (`reference`: plain PyTorch, which autocast sees op by op)."""
+    if name == "reference":
         loss, z = alignment_loss_reference(h, weight, bias, target, ln_weight=ln_weight, ln_bias=ln_bias,
                                            ln_eps=ln_eps, pred_norm=pred_norm, target_norm=target_norm,
                                            target_eps=target_eps, distance=distance)  # fmt: skip
@@ -603,8 +626,7 @@ def fused_alignment_loss(
     dev = h.device.type
     # The op is opaque to autocast: its GEMM operands are cast as F.linear's would be, and the loss comes out in
     # fp32 as autocast's mse / l1 / smooth-l1 losses do (a low-precision target is read as fp32; the LayerNorm
-    # parameters stay as they are). It then runs with autocast off, forward and backward alike, on the backend
-    # resolved for the dtype it will see.
+    # parameters stay as they are). It then runs with autocast off, forward and backward alike.
     if ln_weight is not None and torch.is_autocast_enabled(dev):
         # autocast runs the LayerNorm in its input's precision and casts its output for the GEMM: done so here
         # (the op then projects the normalized rows), rather than rounding h before the normalization
@@ -613,7 +635,6 @@ def fused_alignment_loss(
     ac, (h, weight, bias) = _backend.autocast_inputs(dev, h, weight, bias)
     if ac is not None and target.dtype in (torch.float16, torch.bfloat16):
         target = target.float()
-    name = backend or _backend.resolve("alignment_loss", h.device, h.dtype)
     with _backend.no_autocast(dev):
         return _fused(h, weight, bias, target, ln_weight, ln_bias, ln_eps, pred_norm, target_norm, target_eps,
                       distance, return_z, recompute, chunk_size, name)  # fmt: skip

@@ -1,13 +1,14 @@
-"""Which implementation each op runs, chosen once per process and logged (STYLE habit 8).
+"""Which implementation each op runs: forced once per process, or `auto`, measured once per machine; logged.
 
 Backends: `reference` (plain PyTorch, the math as written: kernels off), `chunked` (chunked PyTorch, the CPU
 twin and memory baseline), `compiled` (the chunked twin with its row part through torch.compile), `native`
 (the optional C++ extension, csrc/), `triton` (CUDA; or any device under `TRITON_INTERPRET=1`, which only tests
-use). `auto` picks per op and device:
-
-- CUDA tensors: `triton` when Triton is installed, else `chunked`;
-- CPU tensors: the twin that won `benchmarks/kernels.py` on this project's CPU (AUTO_CPU below), falling back
-  to `chunked` when the native extension is not built.
+use). `auto` runs, at the first call of each shape class (rows bucketed, widths, what the call fuses, whether it
+needs gradients), every candidate on the call's own inputs and keeps the fastest (amd_fast/measure.py: cached
+per machine with the figures, which the log repeats): on CUDA `triton`, `chunked` and `reference`, so plain
+PyTorch runs where a kernel does not pay; on a CPU `native` (when built; fp32 / fp64 for the fused loss),
+`chunked` and `reference`. Inside a torch.compile trace (nothing to time there) and when only one candidate
+runs, the first candidate.
 """
 
 from __future__ import annotations
@@ -21,11 +22,6 @@ import torch
 log = logging.getLogger("amd_fast.kernels")
 
 BACKENDS = ("auto", "reference", "chunked", "compiled", "native", "triton")
-
-# From benchmarks/kernels.py on the 2-core AVX-512 CPU (README, "Kernels"): at the paper's shapes the native
-# twins beat the compiled chunked PyTorch ones in every case, forward and forward+backward (the alignment loss
-# at a fraction of their memory; the gathers, whose compiled twin is the plain index_select, by 10-25%).
-AUTO_CPU = {"alignment_loss": "native", "gather": "native"}
 
 _selected = "auto"
 _logged: set[tuple[str, str, str]] = set()
@@ -58,33 +54,69 @@ def select(name: str) -> None:
     if name == "triton" and not triton_available():
         raise RuntimeError("kernel backend 'triton' asked for, but triton is not installed")
     _selected = name
+    _chosen.clear()
 
 
 def selected() -> str:
     return _selected
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend `op` runs on for tensors of this device and dtype (logged once per combination)."""
+def candidates(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """What `auto` tries for `op` on this device and dtype, in order (the first is taken when nothing is timed)."""
+    if device.type == "cuda":
+        return (["triton"] if triton_available() else []) + ["chunked", "reference"]
+    if device.type == "cpu":
+        return (["native"] if native_module() is not None and _native_dtype_ok(op, dtype) else []) + \
+            ["chunked", "reference"]  # fmt: skip
+    return ["chunked"]
+
+
+_chosen: dict[tuple, tuple[str, str]] = {}  # (op, device type, dtype, shape key) -> (backend, reason)
+
+
+def resolve(op: str, device: torch.device, dtype: torch.dtype, shape: tuple = (), trials=None) -> str:
+    """The backend `op` runs on for tensors of this device and dtype (logged once per combination). Under `auto`
+    with `trials` ({backend: a zero-argument call of the op on this call's inputs}, built lazily by
+    `trials(names)`), the fastest at `shape` (the call's shape class), measured once per machine."""
     name, reason = _selected, "forced"
     if name == "auto":
-        if device.type == "cuda":
-            name, reason = ("triton", "auto: CUDA") if triton_available() else ("chunked", "auto: triton not installed")
-        elif device.type == "cpu":
-            name, reason = AUTO_CPU[op], "auto: the fastest CPU twin measured"
-            if name == "native" and not _native_dtype_ok(op, dtype):
-                name, reason = "chunked", f"auto: the native twin computes in fp32; {dtype} runs the chunked twin"
+        key = (op, device.type, dtype, shape)
+        if key in _chosen:
+            return _chosen[key][0]
+        cands = candidates(op, device, dtype)
+        if len(cands) == 1 or trials is None or torch.compiler.is_compiling():
+            name, reason = cands[0], "auto: the first candidate" + (" (no trial)" if len(cands) > 1 else "")
         else:
-            name, reason = "chunked", f"auto: no kernels for {device.type}"
+            from amd_fast.measure import fastest
+
+            what = f"kernels/{op} {device.type} {str(dtype).removeprefix('torch.')} {' '.join(map(str, shape))}"
+            name, why = fastest(what, device, trials(cands))
+            reason = f"auto, the fastest here: {why}"
+        if not torch.compiler.is_compiling():
+            _chosen[key] = (name, reason)
     if name == "native" and (native_module() is None or device.type != "cpu"):
         name, reason = "chunked", "the native extension is not built" if device.type == "cpu" else "native is CPU only"
     if name == "triton" and device.type != "cuda" and not triton_interpreting():
         name, reason = "chunked", "triton needs CUDA (or TRITON_INTERPRET=1)"
-    key = (op, device.type, dtype, name)
+    key = (op, device.type, dtype, name, shape)
     if key not in _logged:
         _logged.add(key)
-        log.info("kernels: %s on %s %s runs %s (%s)", op, device.type, str(dtype).removeprefix("torch."), name, reason)
+        log.info("kernels: %s on %s %s%s runs %s (%s)", op, device.type, str(dtype).removeprefix("torch."),
+                 f" [{' '.join(map(str, shape))}]" if shape else "", name, reason)  # fmt: skip
     return name
+
+
+def trial_inputs(*tensors):
+    """Detached views of a call's inputs that ask for gradients as the originals do (a trial's backward must not
+    reach the caller's graph)."""
+    return [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def finish_trial(out, grad: bool) -> None:
+    """A trial's backward: ones into every output that carries a gradient."""
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None and o.requires_grad]
+    if grad and outs:
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
 
 def autocast_inputs(device_type: str, *tensors):

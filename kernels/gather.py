@@ -235,26 +235,41 @@ class GatherFunction(torch.autograd.Function):
 # Functional wrappers (what amd_fast.ops calls)
 
 
-def _backend_for(x: torch.Tensor, backend: str | None) -> str:
-    return backend or _backend.resolve("gather", x.device, x.dtype)
+def _call(name, src_SD, ids_BV, rps, pos_ND, base_BVD):
+    """The gather on backend `name` (`reference`: plain PyTorch)."""
+    if name == "reference":
+        return gather_reference(src_SD, ids_BV, rps, pos_ND, base_BVD)
+    if base_BVD is not None and base_BVD.shape != (*ids_BV.shape, src_SD.shape[-1]):
+        base_BVD = base_BVD.expand(*ids_BV.shape, src_SD.shape[-1])  # a broadcast mask token
+        return GatherFunction.apply(src_SD, ids_BV, rps, pos_ND, None, name) + base_BVD
+    return GatherFunction.apply(src_SD, ids_BV, rps, pos_ND, base_BVD, name)
+
+
+def _dispatch(src_SD, ids_BV, rps, pos_ND, base_BVD, backend):
+    if backend is None:
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (src_SD, pos_ND, base_BVD))
+        shape = (
+            "tokens" if rps else "rows",
+            f"r{tune_rows(ids_BV.numel())}",
+            f"d{src_SD.shape[-1]}",
+            "+pos" * (pos_ND is not None) + "+base" * (base_BVD is not None),
+            "fwd+bwd" if grad else "fwd",
+        )
+
+        def trials(names):
+            s, p, b = _backend.trial_inputs(src_SD, pos_ND, base_BVD)
+            return {n: lambda n=n: _backend.finish_trial(_call(n, s, ids_BV, rps, p, b), grad) for n in names}
+
+        backend = _backend.resolve("gather", src_SD.device, src_SD.dtype, shape, trials)
+    return _call(backend, src_SD, ids_BV, rps, pos_ND, base_BVD)
 
 
 def gather_tokens(x_BND, ids_BV, pos_ND=None, *, backend: str | None = None):
-    """`x[b, ids[b, j]] (+ pos[ids[b, j]])` -> [B, V, D]."""
+    """`x[b, ids[b, j]] (+ pos[ids[b, j]])` -> [B, V, D]. backend None: `backend.resolve` (auto: measured)."""
     B, N, D = x_BND.shape
-    name = _backend_for(x_BND, backend)
-    src = x_BND.reshape(B * N, D)
-    if name == "reference":
-        return gather_reference(src, ids_BV, N, pos_ND)
-    return GatherFunction.apply(src, ids_BV, N, pos_ND, None, name)
+    return _dispatch(x_BND.reshape(B * N, D), ids_BV, N, pos_ND, None, backend)
 
 
 def gather_rows(table_ND, ids_BV, base_BVD=None, *, backend: str | None = None):
     """`(base +) table[ids[b, j]]` for a table shared by the batch -> [B, V, D]."""
-    name = _backend_for(table_ND, backend)
-    if name == "reference":
-        return gather_reference(table_ND, ids_BV, 0, None, base_BVD)
-    if base_BVD is not None and base_BVD.shape != (*ids_BV.shape, table_ND.shape[-1]):
-        base_BVD = base_BVD.expand(*ids_BV.shape, table_ND.shape[-1])  # a broadcast mask token
-        return GatherFunction.apply(table_ND, ids_BV, 0, None, None, name) + base_BVD
-    return GatherFunction.apply(table_ND, ids_BV, 0, None, base_BVD, name)
+    return _dispatch(table_ND, ids_BV, 0, None, base_BVD, backend)

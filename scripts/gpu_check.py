@@ -18,7 +18,8 @@ together, so no part can eat another's time), capped so the whole run ends withi
                       importable) against `math`, fp32 / bf16 / fp16, forward and backward
   4. training         train.py, tiny AMD preset, train.autocast=bfloat16, 30 steps: straight, and stopped at 15
                       then resumed (--resume auto) to 30; the two final checkpoints compared bit for bit
-  5. kernels on/off   the tiny preset in fp32 from one seed with objective.kernels=auto and =reference (part 4's
+  5. kernels on/off   the tiny preset in fp32 from one seed with the kernels forced on (Triton on CUDA, the chunked
+                      twin on a CPU: `auto` may measure plain PyTorch faster) and =reference (part 4's
                       teacher), 20 steps: every step's losses within tests/test_kernels_e2e.py's bound (a kernel
                       wrong on CUDA only shows here)
   6. benchmarks       benchmarks/step.py's `recipe` case (the official scripts' ViT-L -> ViT-S, batch 64) with the
@@ -335,9 +336,11 @@ class Check:
                       f"differ by {rep['max_abs_diff']:.3g}", figs)  # fmt: skip
 
     def part_kernels_on_off(self) -> Result:
-        """The tiny preset in fp32 from one seed, objective.kernels=reference then =auto (on CUDA: the Triton
-        kernels in a real run, which the CPU tests never see): every step's losses (train.log_interval=1) within
-        tests/test_kernels_e2e.py's bound, ON_OFF_REL / ON_OFF_ABS."""
+        """The tiny preset in fp32 from one seed, objective.kernels=reference then forced on (on CUDA: the Triton
+        kernels in a real run, which the CPU tests never see; forced, since `auto` may measure plain PyTorch
+        faster and run it): every step's losses (train.log_interval=1) within tests/test_kernels_e2e.py's bound,
+        ON_OFF_REL / ON_OFF_ABS."""
+        on = "triton" if self.device == "cuda" else "chunked"
         steps = 8 if self.args.quick else 20
         root = self.work / "kernels_on_off"
         shutil.rmtree(root, ignore_errors=True)
@@ -351,10 +354,10 @@ class Check:
                 "teacher.dtype=float32"]  # fmt: skip
         # part 4's teacher; without it (--parts), the reference run pre-trains one and the auto run loads it
         teacher = self.teacher if self.teacher and self.teacher.exists() else None
-        figs = [f"- `train.py {' '.join(base[2:])}` with objective.kernels=reference, then =auto; teacher: "
+        figs = [f"- `train.py {' '.join(base[2:])}` with objective.kernels=reference, then ={on}; teacher: "
                 f"{teacher or f'pre-trained {steps} steps by the reference run'}"]  # fmt: skip
         logs, chosen = {}, []
-        for kernels in ("reference", "auto"):
+        for kernels in ("reference", on):
             out_dir = root / kernels
             extra = [f"teacher.checkpoint={teacher}"] if teacher else [f"teacher.pretrain_steps={steps}"]
             rc, out = self.run([self.py, "amd_fast/train.py", *base, *extra, f"objective.kernels={kernels}",
@@ -363,19 +366,19 @@ class Check:
                 return Result("FAIL", f"the kernels={kernels} run failed: {_error_line(out)}", figs, _tail(out, 40))
             teacher = teacher or out_dir / "teacher" / f"checkpoint-{steps}.pt"
             logs[kernels] = [m for m in _metrics(out_dir / "metrics.jsonl") if "loss" in m]
-            if kernels == "auto":  # amd_fast.kernels logs what `auto` resolved to, per op
-                chosen = sorted(set(re.findall(r"kernels: (\w+ on \w+ \w+ runs .*)", out)))
-        figs += [f"- auto: {c}" for c in chosen]
-        ref, auto = logs["reference"], logs["auto"]
+            if kernels == on:  # amd_fast.kernels logs what each op ran
+                chosen = sorted(set(re.findall(r"kernels: (\w+ on \w+ \w+.* runs .*)", out)))
+        figs += [f"- {on}: {c}" for c in chosen]
+        ref, auto = logs["reference"], logs[on]
         if len(ref) != steps or [m["step"] for m in auto] != [m["step"] for m in ref]:
             return Result("FAIL", f"logged steps differ or are missing: reference {[m['step'] for m in ref]}, "
                           f"auto {[m['step'] for m in auto]}", figs)  # fmt: skip
         worst, bad = compare_losses(ref, auto)
-        figs.append("- largest relative difference per loss, auto vs reference: "
+        figs.append(f"- largest relative difference per loss, {on} vs reference: "
                     + ", ".join(f"{k} {r:.2e} (step {st})" for k, (r, st) in worst.items()))  # fmt: skip
         figs.append(f"- bound (tests/test_kernels_e2e.py): relative {ON_OFF_REL[0]:g} at step 1, {ON_OFF_REL[1]:g} "
                     f"after, absolute {ON_OFF_ABS:g}")  # fmt: skip
-        figs.append(f"- final loss: reference {ref[-1]['loss']:.6f}, auto {auto[-1]['loss']:.6f}")
+        figs.append(f"- final loss: reference {ref[-1]['loss']:.6f}, {on} {auto[-1]['loss']:.6f}")
         if bad:
             return Result("FAIL", f"{len(bad)} step losses beyond the bound, first: {bad[0]}", figs, "\n".join(bad))
         rel, st = max(worst.values())

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from amd_fast import attention, measure
+from amd_fast import attention, device, measure
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_attention_auto_takes_the_fastest_measured(monkeypatch, fastest):
 
 
 def test_precision_trial_runs_here_and_is_cached(fresh, monkeypatch):
-    dt, why = measure.fast_cpu_dtype()
+    dt, why = device.fast_cpu_dtype()
     assert dt in (torch.float32, torch.bfloat16)
     files = list(fresh.glob("*.json"))
     assert len(files) == 1
@@ -54,8 +54,8 @@ def test_precision_trial_runs_here_and_is_cached(fresh, monkeypatch):
     assert measure.cpu_model_and_flags()[0] in saved["machine"] and "ms" in why
     # another process (no verdict in memory) reads the file and does not measure again
     monkeypatch.setattr(measure, "_memo", {})
-    monkeypatch.setattr(measure, "_precision_trial", lambda device: pytest.fail("measured again"))
-    dt2, why2 = measure.fast_cpu_dtype()
+    monkeypatch.setattr(device, "_precision_trial", lambda device: pytest.fail("measured again"))
+    dt2, why2 = device.fast_cpu_dtype()
     assert dt2 == dt and why2.endswith("cached")
 
 
@@ -70,3 +70,47 @@ def test_attention_trial_runs_here_per_shape_class(fresh):
     assert whats == ["attention/cpu float32 bh8 q64 k64 d16 fwd", "attention/cpu float32 bh8 q64 k64 d16 fwd+bwd"]
     for f in fresh.glob("*.json"):
         assert set(json.loads(f.read_text())["timings"]) == {"sdpa", "math"}
+
+
+@pytest.mark.parametrize("fastest", ["reference", "chunked"])
+def test_kernel_auto_takes_the_fastest_measured(monkeypatch, fastest):
+    """`auto` kernels: the fastest candidate at the call's shape class (plain PyTorch where a kernel loses), and
+    the result is that backend's."""
+    from amd_fast.kernels import backend as kb
+    from amd_fast.kernels import gather as kg
+
+    timings = {"native": 9.0, "triton": 9.0, "chunked": 2.0, "reference": 3.0}
+    timings[fastest] = 0.1
+    monkeypatch.setenv("AMD_FAST_FAKE_TIMINGS", json.dumps({"kernels": timings}))
+    monkeypatch.setattr(kb, "_chosen", {})
+    ran = []
+    monkeypatch.setattr(kg, "_call", lambda name, *a, f=kg._call: ran.append(name) or f(name, *a))
+    x, ids = torch.randn(2, 9, 5, requires_grad=True), torch.tensor([[0, 3, 8], [2, 2, 1]])
+    out = kg.gather_tokens(x, ids)
+    assert ran == [fastest]
+    torch.testing.assert_close(out, kg.gather_reference(x.detach().view(18, 5), ids, 9))
+
+
+def test_kernel_trials_run_here_per_shape_class_and_leave_the_graph_alone(fresh, monkeypatch):
+    """Real trials: each candidate timed on the call's inputs (detached), cached once per shape class; the
+    caller's gradients are those of one call."""
+    from amd_fast.kernels import backend as kb
+    from amd_fast.kernels import fused_alignment_loss
+
+    monkeypatch.setattr(kb, "_chosen", {})
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 7, 12, generator=g, requires_grad=True)
+    w = torch.randn(16, 12, generator=g, requires_grad=True)
+    t = torch.randn(2, 7, 16, generator=g)
+    loss = fused_alignment_loss(h, w, None, t)
+    loss.backward()
+    ref = torch.nn.functional.mse_loss(h.detach() @ w.detach().t(), t)
+    torch.testing.assert_close(loss.detach(), ref)
+    h2, w2 = h.detach().requires_grad_(), w.detach().requires_grad_()
+    torch.nn.functional.mse_loss(h2 @ w2.t(), t).backward()
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    fused_alignment_loss(h[:, :6], w, None, t[:, :6])  # 12 rows: the same bucket (16) as 14, not measured again
+    files = [json.loads(f.read_text()) for f in fresh.glob("*.json")]
+    assert len(files) == 1 and files[0]["key"].split(" | ")[-1].startswith("kernels/alignment_loss cpu float32 r16")
+    assert set(files[0]["timings"]) == set(kb.candidates("alignment_loss", torch.device("cpu"), torch.float32))
