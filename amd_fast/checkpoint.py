@@ -10,10 +10,16 @@ without it, or whose bytes no longer match it, is not resumed from (`verify_file
 An output folder belongs to one run (`run.json`: its id). A run that finds another run's checkpoints or metrics
 there stops at start unless told to resume (`--resume auto`) or to move the old run aside (`--overwrite`);
 keep-N cleanup deletes only checkpoints whose record names this run.
+
+A DeepSpeed checkpoint is a directory written by amd_fast/engine.py; it is read here too, whole (`consolidate`:
+DeepSpeed's zero_to_fp32 merges the shards, no process group needed), so that the engine, export, fine-tuning and
+probing all read checkpoints of either kind through this module (`read_checkpoint`, `weights_source`). DeepSpeed is
+imported inside the functions that read its files: importing this module never imports it.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -193,6 +199,92 @@ def is_ds_checkpoint(path: str | Path) -> bool:
     return Path(path).is_dir()
 
 
+def ds_safe_globals() -> list:
+    """DeepSpeed's data-holder classes found in its checkpoint files (a loss scaler's numbers, the ZeRO stage enum,
+    a fragment's address): allow-listed so that its files load with weights_only=True like every other."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_ds_file(path, map_location="cpu"):
+    """One file of a DeepSpeed checkpoint, read as every checkpoint is (weights_only), its data classes allowed."""
+    return torch_load(path, map_location, tuple(ds_safe_globals()))
+
+
+_PREFIX = "student."  # the key prefix of the module DeepSpeed wraps (engine.py's _StudentStep)
+
+
+def consolidate(path: str | Path) -> dict:
+    """A DeepSpeed checkpoint directory -> the one-process checkpoint dict (`model`, `optimizer` in
+    torch.optim.AdamW's layout, `step`, `rng` of rank 0, `config`, `meta`), in fp32, on the CPU.
+
+    The weights are the fp32 master copies; the Adam moments are merged from the ZeRO shards by the same code
+    that merges the weights (DeepSpeed's zero_to_fp32), so a checkpoint saved on any number of ranks loads on
+    any other."""
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, SINGLE_PARTITION_OF_FP32_GROUPS
+    from deepspeed.utils import zero_to_fp32 as z
+
+    path = Path(path)
+    meta = read_meta(path)
+    # rank 0's module file holds the client state (ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt)
+    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if meta["zero_stage"] == 3 else "mp_rank_00_model_states.pt"
+    top_file = path / name
+    top = load_ds_file(top_file)
+    optim_files = sorted(glob.glob(str(path / "*zero_pp_rank_*_optim_states.pt")), key=z.natural_keys)
+    if meta["zero_stage"] == 0 or not optim_files:
+        # no ZeRO: DeepSpeed saved the whole module and the client optimizer's own state dict
+        model = {k.removeprefix(_PREFIX): v.float() for k, v in top["module"].items()}
+        optimizer = top["optimizer"]
+    else:
+        model_files = z.get_model_state_files(str(path))
+        for f in model_files:  # DeepSpeed's parser below unpickles them: each must first pass a weights_only read
+            load_ds_file(f)
+        zero_model_states = z.parse_model_states(model_files)
+        shards = [load_ds_file(f)[OPTIMIZER_STATE_DICT] for f in optim_files]
+        stage, world = shards[0]["zero_stage"], len(shards)
+        base = [s["base_optimizer_state"] if stage <= 2 else s["optimizer_state_dict"] for s in shards]
+
+        def merged(flat_groups):
+            if stage <= 2:
+                sd = z._get_fp32_state_dict_from_zero2_checkpoint(
+                    world, flat_groups, zero_model_states, False, shards[0].get("param_alignment_paddings")
+                )
+            else:
+                sd = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, zero_model_states, False)
+            return {k.removeprefix(_PREFIX): v for k, v in z.to_torch_tensor(sd).items()}
+
+        key = SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else FP32_FLAT_GROUPS
+        model = merged([s[key] for s in shards])
+        moments = {}
+        for m in ("exp_avg", "exp_avg_sq"):
+            moments[m] = merged([[b["state"][g][m] for g in range(len(b["param_groups"]))] for b in base])
+        step = next(iter(base[0]["state"].values()))["step"]
+        # torch.optim.AdamW's layout: parameters numbered in the order of `param_group_names` (the engine's save)
+        state, groups, i = {}, [], 0
+        for g, names in zip(base[0]["param_groups"], top["param_group_names"]):
+            ids = []
+            for name in names:
+                state[i] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(),
+                            "exp_avg": moments["exp_avg"][name], "exp_avg_sq": moments["exp_avg_sq"][name]}  # fmt: skip
+                ids.append(i)
+                i += 1
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+        optimizer = {"state": state, "param_groups": groups}
+    rng_file = path / "rng-rank0.pt"
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "step": top["step"],
+        "nonfinite_total": top.get("nonfinite_total", 0),
+        "rng": torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
+        "config": top["config"],
+        "meta": {**top.get("meta", {}), "consolidated_from": str(path), "saved_world_size": meta["world_size"]},
+    }
+
+
 def weights_source(path: str | Path):
     """What `checkpoint_io.read_state_dict` reads: a file path as it is (official files included), a DeepSpeed
     directory consolidated into the one-process checkpoint dict first."""
@@ -210,8 +302,6 @@ def read_checkpoint(path: str | Path, verified: bool = False) -> dict:
         if why is not None and (is_ds_checkpoint(path) or read_record(path) is not None):
             raise CheckpointError(f"{path}: {why}")
     if is_ds_checkpoint(path):
-        from amd_fast.engine import consolidate  # DeepSpeed's zero_to_fp32 merges the shards
-
         return consolidate(path)
     return load_file(path)
 

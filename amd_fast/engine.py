@@ -18,12 +18,11 @@ A DeepSpeed checkpoint is a directory `<output_dir>/checkpoint-<step>/` (DeepSpe
 rank, and `meta.json` written last: a directory without it is incomplete and never resumed from). On the same
 number of ranks it resumes through `load_checkpoint`; on another number (one plain process included) it is
 first consolidated: fp32 master weights and Adam moments of every parameter gathered from the shards
-(`consolidate`), which is also what `amd_fast/export.py` reads.
+(`checkpoint.consolidate`, which needs no process group: export, fine-tuning and probing read it there too).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -35,20 +34,10 @@ import torch.nn as nn
 
 from amd_fast import checkpoint as ckpt
 from amd_fast.config import ConfigError, DistConfig
-from amd_fast.models.checkpoint_io import torch_load
 
 log = logging.getLogger(__name__)
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) as set by `deepspeed`, `torchrun` or MPI-style launchers; (0, 1, 0) alone."""
-    env = os.environ
-    rank = int(env.get("RANK", env.get("OMPI_COMM_WORLD_RANK", 0)))
-    world = int(env.get("WORLD_SIZE", env.get("OMPI_COMM_WORLD_SIZE", 1)))
-    local = int(env.get("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
-    return rank, world, local
 
 
 def uses_deepspeed(dist_cfg: DistConfig, world_size: int) -> bool:
@@ -202,25 +191,10 @@ class _StudentStep(nn.Module):
 
     def __init__(self, student: nn.Module):
         super().__init__()
-        self.student = student
+        self.student = student  # its keys in a saved state are "student.<name>": `ckpt.consolidate` strips it
 
     def forward(self, batch, objective):
         return objective(batch)
-
-
-def ds_safe_globals() -> list:
-    """DeepSpeed's data-holder classes found in its checkpoint files (a loss scaler's numbers, the ZeRO stage enum,
-    a fragment's address): allow-listed so that its files load with weights_only=True like every other."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def load_ds_file(path, map_location="cpu"):
-    """One file of a DeepSpeed checkpoint, read as every checkpoint is (weights_only), its data classes allowed."""
-    return torch_load(path, map_location, tuple(ds_safe_globals()))
 
 
 def _skip_cpu_shm_build() -> None:
@@ -341,7 +315,7 @@ class DeepSpeedEngine:
             model=_StudentStep(model), optimizer=optimizer, config=self.config
         )
         # DeepSpeed reads its checkpoint files with weights_only=False; this engine's loads go through ours
-        self.engine.checkpoint_engine.load = load_ds_file
+        self.engine.checkpoint_engine.load = ckpt.load_ds_file
         self.accum_steps = accum_steps
         self._micro = 0
         log.info(
@@ -408,7 +382,7 @@ class DeepSpeedEngine:
         size, checked on resume), then prunes this run's older checkpoints."""
         tag = f"checkpoint-{step}"
         path = out_dir / tag
-        client_state = {**client_state, "param_group_names": self.group_names}  # for `consolidate`
+        client_state = {**client_state, "param_group_names": self.group_names}  # for `ckpt.consolidate`
         self.engine.save_checkpoint(str(out_dir), tag=tag, client_state=client_state, save_latest=False)
         ckpt.save_atomic(ckpt.rng_state(), path / f"rng-rank{self.rank}.pt")
         (path / f"shard-rank{self.rank}.json").write_text(json.dumps(self.shard_sizes()))  # what this rank holds
@@ -504,78 +478,3 @@ class DeepSpeedEngine:
 def _base(optimizer):
     """The client AdamW inside a ZeRO optimizer (ZeRO-0 uses the client optimizer itself)."""
     return getattr(optimizer, "optimizer", optimizer)
-
-
-# ---------------------------------------------------------------------------------------------
-# finding and consolidating DeepSpeed checkpoints (no process group needed)
-
-
-_PREFIX = "student."  # the key prefix of _StudentStep
-
-
-def consolidate(path: str | Path) -> dict:
-    """A DeepSpeed checkpoint directory -> the one-process checkpoint dict (`model`, `optimizer` in
-    torch.optim.AdamW's layout, `step`, `rng` of rank 0, `config`, `meta`), in fp32, on the CPU.
-
-    The weights are the fp32 master copies; the Adam moments are merged from the ZeRO shards by the same code
-    that merges the weights (DeepSpeed's zero_to_fp32), so a checkpoint saved on any number of ranks loads on
-    any other."""
-    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, SINGLE_PARTITION_OF_FP32_GROUPS
-    from deepspeed.utils import zero_to_fp32 as z
-
-    path = Path(path)
-    meta = ckpt.read_meta(path)
-    # rank 0's module file holds the client state (ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt)
-    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if meta["zero_stage"] == 3 else "mp_rank_00_model_states.pt"
-    top_file = path / name
-    top = load_ds_file(top_file)
-    optim_files = sorted(glob.glob(str(path / "*zero_pp_rank_*_optim_states.pt")), key=z.natural_keys)
-    if meta["zero_stage"] == 0 or not optim_files:
-        # no ZeRO: DeepSpeed saved the whole module and the client optimizer's own state dict
-        model = {k.removeprefix(_PREFIX): v.float() for k, v in top["module"].items()}
-        optimizer = top["optimizer"]
-    else:
-        model_files = z.get_model_state_files(str(path))
-        for f in model_files:  # DeepSpeed's parser below unpickles them: each must first pass a weights_only read
-            load_ds_file(f)
-        zero_model_states = z.parse_model_states(model_files)
-        shards = [load_ds_file(f)[OPTIMIZER_STATE_DICT] for f in optim_files]
-        stage, world = shards[0]["zero_stage"], len(shards)
-        base = [s["base_optimizer_state"] if stage <= 2 else s["optimizer_state_dict"] for s in shards]
-
-        def merged(flat_groups):
-            if stage <= 2:
-                sd = z._get_fp32_state_dict_from_zero2_checkpoint(
-                    world, flat_groups, zero_model_states, False, shards[0].get("param_alignment_paddings")
-                )
-            else:
-                sd = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, zero_model_states, False)
-            return {k.removeprefix(_PREFIX): v for k, v in z.to_torch_tensor(sd).items()}
-
-        key = SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else FP32_FLAT_GROUPS
-        model = merged([s[key] for s in shards])
-        moments = {}
-        for m in ("exp_avg", "exp_avg_sq"):
-            moments[m] = merged([[b["state"][g][m] for g in range(len(b["param_groups"]))] for b in base])
-        step = next(iter(base[0]["state"].values()))["step"]
-        # torch.optim.AdamW's layout: parameters numbered in the order of `optim.param_groups`, saved by `save`
-        state, groups, i = {}, [], 0
-        for g, names in zip(base[0]["param_groups"], top["param_group_names"]):
-            ids = []
-            for name in names:
-                state[i] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(),
-                            "exp_avg": moments["exp_avg"][name], "exp_avg_sq": moments["exp_avg_sq"][name]}  # fmt: skip
-                ids.append(i)
-                i += 1
-            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
-        optimizer = {"state": state, "param_groups": groups}
-    rng_file = path / "rng-rank0.pt"
-    return {
-        "model": model,
-        "optimizer": optimizer,
-        "step": top["step"],
-        "nonfinite_total": top.get("nonfinite_total", 0),
-        "rng": torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
-        "config": top["config"],
-        "meta": {**top.get("meta", {}), "consolidated_from": str(path), "saved_world_size": meta["world_size"]},
-    }

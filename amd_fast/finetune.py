@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 
 from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.build import compile_blocks  # noqa: E402
+from amd_fast.cli import command_line  # noqa: E402
 from amd_fast.config import FinetuneRunConfig  # noqa: E402
 from amd_fast.data import (  # noqa: E402
     DATASETS,
@@ -42,7 +43,7 @@ from amd_fast.data import (  # noqa: E402
 from amd_fast.models.checkpoint_io import CheckpointError  # noqa: E402
 from amd_fast.models.classifier import VideoClassifier, layer_decay_groups, load_classifier  # noqa: E402
 from amd_fast.models.vit import build_encoder  # noqa: E402
-from amd_fast.trainer import Trainer, command_line  # noqa: E402
+from amd_fast.trainer import Trainer  # noqa: E402
 
 log = logging.getLogger("amd_fast.finetune")
 
@@ -107,8 +108,8 @@ def num_classes_for(cfg: FinetuneRunConfig, dataset) -> int:
 
 
 class ClassifyTask:
-    """Fine-tuning as a task of the training loop (amd_fast/trainer.py): a classifier on a pre-trained encoder,
-    soft-target cross-entropy with mixup / cutmix, layer-wise LR decay, multi-view evaluation."""
+    """Fine-tuning as a task of the training loop (amd_fast/trainer.py; `main` hands it over): a classifier on a
+    pre-trained encoder, soft-target cross-entropy with mixup / cutmix, layer-wise LR decay, multi-view evaluation."""
 
     def __init__(self, cfg: FinetuneRunConfig, device: torch.device, rank: int, world_size: int):
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
         return setup
     cfg, device, rank, world_size = setup
     try:
-        trainer = Trainer(cfg, device, rank, world_size)
+        trainer = Trainer(cfg, ClassifyTask, device, rank, world_size)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
-"""The pre-training task (AMD, DMAE, (Video)MAE) that `Trainer` runs: the student, the frozen teacher its objective
-needs, the masks, the data and the step's FLOP count.
+"""The pre-training task (AMD, DMAE, (Video)MAE) that `Trainer` runs (amd_fast/train.py hands it `pretrain_task`):
+the student, the frozen teacher its objective needs, the masks, the data and the step's FLOP count.
 
 A task gives the loop what it trains (`model`, `objective(batch) -> (loss, parts)`, `param_groups`), the
 micro-batches from a step on (`batches`), how its weights are saved and read back (`model_state`,

@@ -32,12 +32,12 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amd_fast import checkpoint as ckpt  # noqa: E402
+from amd_fast.cli import setup_logging  # noqa: E402
 from amd_fast.config import ConfigError, ProbeRunConfig, load_config, to_dict  # noqa: E402
 from amd_fast.data import DATASETS, FileClips, collate_clips, dataset_for  # noqa: E402
 from amd_fast.device import autocast_dtype  # noqa: E402
 from amd_fast.models.checkpoint_io import load_encoder, read_state_dict, trust  # noqa: E402
 from amd_fast.models.vit import VisionTransformer, build_encoder  # noqa: E402
-from amd_fast.trainer import setup_logging  # noqa: E402
 
 log = logging.getLogger("amd_fast.probe")
 

@@ -23,11 +23,13 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 
 from amd_fast import checkpoint as ckpt  # noqa: E402
 from amd_fast.build import teacher_pretrain_config  # noqa: E402
+from amd_fast.cli import command_line  # noqa: E402
 from amd_fast.export import export_student  # noqa: E402
 from amd_fast.launch import ensure_allocator  # noqa: E402
 from amd_fast.models.checkpoint_io import CheckpointError  # noqa: E402
 from amd_fast.objectives import OBJECTIVES  # noqa: E402
-from amd_fast.trainer import Trainer, command_line  # noqa: E402
+from amd_fast.pretraining import pretrain_task  # noqa: E402
+from amd_fast.trainer import Trainer  # noqa: E402
 
 log = logging.getLogger("amd_fast.train")
 
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
                   "checkpoint or a number of mae steps to pre-train one", file=sys.stderr)  # fmt: skip
             return 2
         log.info("no teacher.checkpoint: pre-training a teacher with mae for %d steps", cfg.teacher.pretrain_steps)
-        teacher_trainer = Trainer(teacher_pretrain_config(cfg), device, rank, world_size)
+        teacher_trainer = Trainer(teacher_pretrain_config(cfg), pretrain_task, device, rank, world_size)
         teacher_path = teacher_trainer.train()
         if ckpt.is_ds_checkpoint(teacher_path):  # sharded: the teacher loader reads one file
             exported = teacher_path.with_name(teacher_path.name.replace("checkpoint-", "student-") + ".pt")
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
         del teacher_trainer  # its engine's memory is freed before the student's is built
         cfg.teacher.checkpoint = str(teacher_path)
     try:
-        trainer = Trainer(cfg, device, rank, world_size)
+        trainer = Trainer(cfg, pretrain_task, device, rank, world_size)
     except CheckpointError as e:  # a damaged or untrusted file named by the config, or a folder in use
         print(f"error: {e}", file=sys.stderr)
         return 2

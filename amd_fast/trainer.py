@@ -1,22 +1,22 @@
 """The training loop, one for every task: `Trainer.train()` -> `train_step()` -> `forward_backward()`.
 
-A task (pre-training: amd_fast/pretraining.py; fine-tuning: amd_fast/finetune.py) supplies the model, its
-objective `(loss, parts)`, the micro-batches, its parameter groups and optionally an evaluation. The loop owns
-the rest: seeds, the output folder, precision, the optimizer and its schedule, the run's health (non-finite and
-spiking losses), logging (metrics.jsonl, TensorBoard, progress) and when to save. Parallelism is applied from
-outside by `self.engine` (amd_fast/engine.py: one plain process, or DeepSpeed ZeRO), which owns backward,
-clipping, the optimizer step, metric reduction across ranks and checkpoint files; the loop never asks which.
+A task supplies the model, its objective `(loss, parts)`, the micro-batches, its parameter groups and optionally
+an evaluation. The entry point hands the loop the task's builder (pre-training: `pretraining.pretrain_task`;
+fine-tuning: `finetune.ClassifyTask`): the loop never imports a task, and builds it once the run's seeds are set
+(so that its initial weights do not depend on who builds it). The loop owns the rest: seeds, the output folder,
+precision, the optimizer and its schedule, the run's health (non-finite and spiking losses), logging
+(metrics.jsonl, TensorBoard, progress) and when to save. Parallelism is applied from outside by `self.engine`
+(amd_fast/engine.py: one plain process, or DeepSpeed ZeRO), which owns backward, clipping, the optimizer step,
+metric reduction across ranks and checkpoint files; the loop never asks which.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import json
 import logging
 import math
-import os
 import random
 import statistics
 import sys
@@ -28,9 +28,10 @@ import torch
 
 from amd_fast import checkpoint as ckpt
 from amd_fast.attention import select_backend
-from amd_fast.config import Config, ConfigError, load_config, to_dict
+from amd_fast.cli import evaluates_only
+from amd_fast.config import to_dict
 from amd_fast.device import autocast_dtype, default_device, peak_memory_bytes
-from amd_fast.engine import dist_env, make_engine
+from amd_fast.engine import make_engine
 from amd_fast.models import checkpoint_io
 from amd_fast.optim import build_optimizer, lr_at, scaled_lrs
 
@@ -45,27 +46,13 @@ SPIKE_WINDOW = 100  # healthy steps whose median loss a spike is judged against
 SPIKE_MIN_HISTORY = 10  # the guard starts once this many healthy steps are known
 
 
-def evaluates_only(cfg) -> bool:
-    """A fine-tuning config that only evaluates (finetune.eval_only): it writes no checkpoint or metrics."""
-    return getattr(getattr(cfg, "finetune", None), "eval_only", False)
-
-
-def make_task(cfg, device, rank, world_size, **kw):
-    """The task a config root describes: pre-training (`Config`) or fine-tuning (`FinetuneRunConfig`)."""
-    if isinstance(cfg, Config):
-        from amd_fast.pretraining import pretrain_task
-
-        return pretrain_task(cfg, device, rank, world_size, **kw)
-    from amd_fast.finetune import ClassifyTask
-
-    return ClassifyTask(cfg, device, rank, world_size, **kw)
-
-
 class Trainer:
-    def __init__(self, cfg, device: torch.device | None = None, rank: int = 0, world_size: int = 1, **task_kw):
-        """cfg: a config root (`Config` for pre-training, `FinetuneRunConfig` for fine-tuning). task_kw go to the
-        task (pre-training: `teacher=` an already-built FrozenTeacher, `with_data=False` for benchmarks that feed
-        `train_step` themselves)."""
+    def __init__(self, cfg, build_task, device: torch.device | None = None, rank: int = 0, world_size: int = 1,
+                 **task_kw):  # fmt: skip
+        """cfg: a config root (`Config` for pre-training, `FinetuneRunConfig` for fine-tuning). build_task(cfg,
+        device, rank, world_size, **task_kw) -> the task: `pretraining.pretrain_task` (task_kw: `teacher=` an
+        already-built FrozenTeacher, `with_data=False` for benchmarks that feed `train_step` themselves) or
+        `finetune.ClassifyTask`."""
         self.cfg = cfg
         self.device = device or default_device()
         self.rank, self.world_size = rank, world_size
@@ -90,7 +77,7 @@ class Trainer:
         if cfg.model.attn_backend != "auto":
             select_backend(cfg.model.attn_backend, self.device, self.autocast or torch.float32)
 
-        self.task = make_task(cfg, self.device, rank, world_size, **task_kw)
+        self.task = build_task(cfg, self.device, rank, world_size, **task_kw)
         self.model = self.task.model
         self.global_batch = d.batch_size * o.accum_steps * world_size
         self.lr, self.min_lr, self.warmup_lr = scaled_lrs(o, self.global_batch)
@@ -374,46 +361,3 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         log.info("resumed from %s at step %d", path, self.step)
-
-
-def setup_logging(rank: int = 0) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-
-
-def command_line(argv, doc: str, default_preset: Path, root=Config, flags: tuple = ()):
-    """What every training entry point does before training: parse `--config`, `--resume`, `--overwrite`, the
-    entry point's own `flags` ((flag, override, help)) and the dotted overrides; take the rank from the launcher
-    (`deepspeed` / `torchrun` set RANK / WORLD_SIZE / LOCAL_RANK); set up logging; load and check the config; prepare
-    the output folder on rank 0 (a used one is only reused when told). -> (cfg, device, rank, world_size), or the
-    exit code 2 after printing what is wrong."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help=f"a preset in configs/ (default: configs/{default_preset.name})")
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in output_dir) or a path")
-    p.add_argument("--overwrite", action="store_true",
-                   help="output_dir holds a previous run: move it aside (<dir>.old-<time>) and start over")  # fmt: skip
-    for flag, _, help_text in flags:
-        p.add_argument(flag, action="store_true", help=help_text)
-    # the `deepspeed` launcher passes --local_rank; LOCAL_RANK in the environment says the same
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=4 train.steps=100")
-    args = p.parse_intermixed_args(argv)  # flags between the overrides too: `a.b=1 --overwrite c.d=2`
-    rank, world_size, local_rank = dist_env()
-    setup_logging(rank)
-    overrides = list(args.overrides)
-    overrides += [f"train.resume={args.resume}"] * bool(args.resume) + ["train.overwrite=true"] * args.overwrite
-    overrides += [override for flag, override, _ in flags if getattr(args, flag.lstrip("-").replace("-", "_"))]
-    try:
-        cfg = load_config(args.config or default_preset, overrides, root=root)
-        if rank == 0 and not evaluates_only(cfg):
-            ckpt.prepare_output_dir(cfg.train.output_dir, cfg.train.resume, cfg.train.overwrite)
-    except (ConfigError, checkpoint_io.CheckpointError) as e:
-        print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
-        return 2
-    cfg.train.overwrite = False  # done: the runs find the folder prepared
-    device = None
-    if world_size > 1 and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return cfg, device, rank, world_size

@@ -53,6 +53,7 @@ def run_point(args) -> dict:
     from amd_fast.device import peak_memory_bytes
     from amd_fast.masks import collate_masks
     from amd_fast.models.vit import build_encoder, patchify
+    from amd_fast.pretraining import pretrain_task
     from amd_fast.trainer import Trainer
 
     overrides = [
@@ -71,7 +72,7 @@ def run_point(args) -> dict:
     exact_weights = Path(tempfile.mkdtemp()) / "teacher_fp32.pt"
     torch.save(enc.state_dict(), exact_weights)  # on disk, so the exact copy costs no RSS while timing
     teacher = make_frozen_teacher(enc, cfg.objective.teacher_layers, args.teacher_dtype, cpu)
-    trainer = Trainer(cfg, cpu, teacher=teacher, with_data=False)
+    trainer = Trainer(cfg, pretrain_task, cpu, teacher=teacher, with_data=False)
     model, opt = trainer.model, trainer.optimizer
     g = torch.Generator().manual_seed(0)
 

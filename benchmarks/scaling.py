@@ -40,12 +40,13 @@ DEFAULT_CASES = ["1:local", "1:local:1", "2:zero0", "2:zero1", "2:zero2", "2:zer
 def worker(args) -> None:
     import torch
 
+    from amd_fast.cli import dist_env
     from amd_fast.config import load_config
     from amd_fast.device import fast_dtype, peak_memory_bytes
-    from amd_fast.engine import dist_env
     from amd_fast.masks import collate_masks
     from amd_fast.models.vit import build_encoder
     from amd_fast.objectives import FrozenTeacher
+    from amd_fast.pretraining import pretrain_task
     from amd_fast.trainer import Trainer
 
     rank, world, local_rank = dist_env()
@@ -61,7 +62,7 @@ def worker(args) -> None:
     d = cfg.data
     enc = build_encoder(cfg.teacher.model, img_size=d.input_size, num_frames=d.num_frames)
     teacher = FrozenTeacher(enc.to(device), cfg.objective.teacher_layers, fast_dtype(device))
-    trainer = Trainer(cfg, device, rank, world, teacher=teacher, with_data=False)
+    trainer = Trainer(cfg, pretrain_task, device, rank, world, teacher=teacher, with_data=False)
     g = torch.Generator().manual_seed(1000 + rank)
 
     def batch():

@@ -73,6 +73,7 @@ def run_case(name: str, steps: int, warmup: int, threads: int, overrides: list[s
     from amd_fast.masks import collate_masks
     from amd_fast.models.vit import build_encoder
     from amd_fast.objectives import OBJECTIVES
+    from amd_fast.pretraining import pretrain_task
     from amd_fast.trainer import Trainer
 
     preset = CASES[name][0]
@@ -83,7 +84,7 @@ def run_case(name: str, steps: int, warmup: int, threads: int, overrides: list[s
     if OBJECTIVES[cfg.objective.name].needs_teacher:  # random weights, in the precision teacher.dtype gives
         enc = build_encoder(cfg.teacher.model, img_size=d.input_size, num_frames=d.num_frames)
         teacher = make_frozen_teacher(enc.to(device), cfg.objective.teacher_layers, cfg.teacher.dtype, device)
-    trainer = Trainer(cfg, device, teacher=teacher, with_data=False)
+    trainer = Trainer(cfg, pretrain_task, device, teacher=teacher, with_data=False)
     g = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

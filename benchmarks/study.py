@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from amd_fast.cli import setup_logging  # noqa: E402
 from amd_fast.config import (  # noqa: E402
     Config,
     FinetuneRunConfig,
@@ -39,9 +40,11 @@ from amd_fast.config import (  # noqa: E402
     validate_finetune,
     validate_probe,
 )
+from amd_fast.finetune import ClassifyTask  # noqa: E402
 from amd_fast.launch import ensure_allocator  # noqa: E402
+from amd_fast.pretraining import pretrain_task  # noqa: E402
 from amd_fast.probe import PIXELS, run_probe  # noqa: E402
-from amd_fast.trainer import Trainer, setup_logging  # noqa: E402
+from amd_fast.trainer import Trainer  # noqa: E402
 from amd_fast.visualize import visualize_checkpoint  # noqa: E402
 from benchmarks.common import append_csv, machine_info  # noqa: E402
 
@@ -133,7 +136,7 @@ def pretrain_config(task: dict, budget: dict, out: Path, method: str, seed: int,
 
 def pretrain(cfg: Config) -> tuple[Path, float]:
     t0 = time.perf_counter()
-    path = Trainer(cfg).train()  # resumable: a finished run returns its checkpoint at once
+    path = Trainer(cfg, pretrain_task).train()  # resumable: a finished run returns its checkpoint at once
     return path, time.perf_counter() - t0
 
 
@@ -173,7 +176,7 @@ def finetune(task: dict, budget: dict, arch: dict, init: str, out: Path) -> tupl
         res = json.loads(done.read_text().splitlines()[-1])
         if res["step"] == steps:
             return res, 0.0
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, ClassifyTask)
     trainer.train()
     res = trainer.evaluation
     return res, time.perf_counter() - t0

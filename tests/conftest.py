@@ -24,8 +24,8 @@ def pytest_configure(config):
     # the decode check's verdicts (amd_fast/data/decode_check.py) go to a folder of this session, not ~/.cache
     config._amd_fast_cache = tempfile.mkdtemp(prefix="amd_fast_cache_")
     os.environ["AMD_FAST_CACHE"] = config._amd_fast_cache
-    # `auto` precision, attention and kernels are measured on the machine (amd_fast/measure.py): bf16 wins on one CPU kind
-    # and loses on another. No test may depend on the CPU it runs on, so the suite (and every process it starts)
+    # `auto` precision, attention and kernels are measured on the machine (amd_fast/measure.py): bf16 wins on one CPU
+    # kind and loses on another. No test may depend on the CPU it runs on, so the suite (and every process it starts)
     # sees fixed timings that pick fp32, SDPA and the kernels (native / Triton first, then the chunked twin); tests
     # of the choice itself set their own.
     os.environ["AMD_FAST_FAKE_TIMINGS"] = json.dumps({

@@ -17,6 +17,7 @@ from amd_fast.data import DaliClips, SkipLog, build_dataset, collate_clips, file
 from amd_fast.data.dali import ClipRequest
 from amd_fast.data.decoders import available
 from amd_fast.data.media import write_moving_clips
+from amd_fast.pretraining import pretrain_task
 from amd_fast.trainer import Trainer
 
 pytest.importorskip("av", reason="the video extra is not installed (pip install -e .[video])")
@@ -138,7 +139,7 @@ def test_trainer_with_the_dali_loader_matches_the_torch_loader(media, tmp_path):
         out = tmp_path / loader
         cfg = load_config(None, TINY + [f"data.list_file={media['vp9']}", f"data.loader={loader}",
                                         f"train.output_dir={out}", "objective.norm_pix_loss=false"])  # fmt: skip
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, pretrain_task)
         assert (trainer.task.dali is not None) == (loader == "dali")
         trainer.train()
         losses[loader] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -22,10 +22,12 @@ pytest.importorskip("deepspeed")  # the `deepspeed` extra (scripts/setup.sh inst
 
 from test_train import TINY, read_metrics, tiny  # noqa: E402
 
-from amd_fast.checkpoint import list_ds_checkpoints  # noqa: E402
+from amd_fast.checkpoint import consolidate, list_ds_checkpoints  # noqa: E402
 from amd_fast.config import ConfigError, DistConfig  # noqa: E402
-from amd_fast.engine import consolidate, deepspeed_config, uses_deepspeed  # noqa: E402
+from amd_fast.engine import deepspeed_config, uses_deepspeed  # noqa: E402
 from amd_fast.export import export_student  # noqa: E402
+from amd_fast.finetune import ClassifyTask  # noqa: E402
+from amd_fast.pretraining import pretrain_task  # noqa: E402
 from amd_fast.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +59,7 @@ def launch(nproc: int, out: Path, *overrides: str, launcher: str = "torchrun", s
 def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
     cfg = tiny(out, "objective.name=mae", "train.steps=2", "train.save_interval=2", "model.embed_dim=48")
-    return str(Trainer(cfg).train())
+    return str(Trainer(cfg, pretrain_task).train())
 
 
 def common(teacher, steps):
@@ -68,7 +70,7 @@ def common(teacher, steps):
 def single(teacher, tmp_path_factory):
     """The 1-process reference: batch 16 = 2 ranks x micro-batch 8."""
     out = tmp_path_factory.mktemp("single")
-    trainer = Trainer(tiny(out, *common(teacher, 6), "train.save_interval=6", "data.batch_size=16"))
+    trainer = Trainer(tiny(out, *common(teacher, 6), "train.save_interval=6", "data.batch_size=16"), pretrain_task)
     trainer.train()
     return read_metrics(out / "metrics.jsonl"), trainer.model.state_dict()
 
@@ -120,7 +122,7 @@ def bf16_args(teacher):
 def single_bf16(teacher, tmp_path_factory):
     """The 1-process bf16 reference: batch 16, bf16 autocast (fp32 weights and AdamW, bf16 GEMMs), 4 steps."""
     out = tmp_path_factory.mktemp("single_bf16")
-    trainer = Trainer(tiny(out, *bf16_args(teacher), "train.autocast=bfloat16", "data.batch_size=16"))
+    trainer = Trainer(tiny(out, *bf16_args(teacher), "train.autocast=bfloat16", "data.batch_size=16"), pretrain_task)
     trainer.train()
     return read_metrics(out / "metrics.jsonl"), trainer.model.state_dict()
 
@@ -185,7 +187,7 @@ def test_model_takes_fp32_inputs_with_deepspeeds_bf16_weights(tmp_path, teacher,
     engine.py, `_cast_module_mixed_precision`; buffers keep their dtype), and the batch stays fp32. The objective
     runs, its loss and parts are fp32 (fp32 targets), the gradients bf16 and finite, and the loss is within bf16
     rounding (TRACK's 1.5%) of the same weights in fp32."""
-    trainer = Trainer(tiny(tmp_path, *common(teacher, 1), f"teacher.dtype={teacher_dtype}"))
+    trainer = Trainer(tiny(tmp_path, *common(teacher, 1), f"teacher.dtype={teacher_dtype}"), pretrain_task)
     batch = next(trainer.batches())
     ref, _ = trainer.objective(batch)
     for p in trainer.model.parameters():
@@ -216,7 +218,7 @@ def test_resume_on_2_ranks_and_on_1(tmp_path, teacher):
         assert torch.equal(sa["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"]), i
 
     one = Trainer(tiny(tmp_path / "c", *common(teacher, 10), "train.save_interval=5", "data.batch_size=16",
-                       "train.resume=auto"))  # fmt: skip
+                       "train.resume=auto"), pretrain_task)  # fmt: skip
     assert type(one.engine).__name__ == "LocalEngine" and one.step == 5
     one.train()
     for k, v in one.model.state_dict().items():
@@ -228,7 +230,7 @@ def test_resume_on_2_ranks_and_on_1(tmp_path, teacher):
     from amd_fast.models.checkpoint_io import load_pretrain
 
     path = export_student(tmp_path / "a" / "checkpoint-10", tmp_path / "student.pt")
-    fresh = Trainer(tiny(tmp_path / "d", *common(teacher, 1)), with_data=False)
+    fresh = Trainer(tiny(tmp_path / "d", *common(teacher, 1)), pretrain_task, with_data=False)
     load_pretrain(fresh.model, str(path))
     for k, v in fresh.model.state_dict().items():
         assert torch.equal(v, a["model"][k]), k
@@ -255,12 +257,12 @@ def test_deepspeed_json_must_agree_with_the_amd_fast_config(tmp_path):
 def test_one_process_checkpoint_resumes_on_2_ranks_with_zero3(tmp_path, teacher):
     """The other direction: a 1-process checkpoint (batch 16) continued on 2 ZeRO-3 ranks (micro-batch 8)."""
     args = [*common(teacher, 4), "train.save_interval=2", "train.keep_checkpoints=3"]
-    one = Trainer(tiny(tmp_path / "one", *args, "data.batch_size=16"))
+    one = Trainer(tiny(tmp_path / "one", *args, "data.batch_size=16"), pretrain_task)
     one.train()
     (tmp_path / "two").mkdir()
     shutil.copy(tmp_path / "one" / "checkpoint-2.pt", tmp_path / "two" / "checkpoint-2.pt")
     out = launch(2, tmp_path / "two", *args, "dist.deepspeed_config=zero3", "train.resume=auto")
-    assert "onto 2 ranks (resharded) at step 2" in out
+    assert "checkpoint-2.pt: resharded onto 2 ranks" in out  # engine.load_checkpoint logs it
     two = consolidate(tmp_path / "two" / "checkpoint-4")
     for k, v in one.model.state_dict().items():
         torch.testing.assert_close(two["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
@@ -271,13 +273,14 @@ import sys
 import torch
 from test_train import TINY
 from amd_fast.config import load_config
-from amd_fast.engine import dist_env
+from amd_fast.cli import dist_env
+from amd_fast.pretraining import pretrain_task
 from amd_fast.trainer import Trainer
 
 rank, world, _ = dist_env()
 cfg = load_config(None, TINY + [f"train.output_dir={sys.argv[1]}", "objective.name=mae", "train.steps=5",
                                 "train.save_interval=100", "dist.deepspeed_config=zero2", "optim.clip_grad=0.5"])
-trainer = Trainer(cfg, torch.device("cpu"), rank, world)
+trainer = Trainer(cfg, pretrain_task, torch.device("cpu"), rank, world)
 real = trainer.objective
 
 def objective(batch):  # a NaN loss on rank 1 only, at the third step
@@ -324,7 +327,7 @@ def test_finetune_on_2_ranks_matches_one_process(tmp_path):
 
     cfg = load_config(base[1], [*base[2:], "data.batch_size=32", f"train.output_dir={tmp_path / 'one'}"],
                       root=FinetuneRunConfig)  # fmt: skip
-    single = Trainer(cfg)
+    single = Trainer(cfg, ClassifyTask)
     single.train()
     one_eval = single.evaluation
     state = consolidate(tmp_path / "ds" / "checkpoint-4")
@@ -339,11 +342,11 @@ def test_finetune_on_2_ranks_matches_one_process(tmp_path):
     shutil.copytree(tmp_path / "ds" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
     six = [*base[2:], "data.batch_size=32", "train.steps=6", "train.save_interval=6"]
     resumed = Trainer(load_config(base[1], [*six, f"train.output_dir={tmp_path / 'resumed'}", "train.resume=auto"],
-                                  root=FinetuneRunConfig))  # fmt: skip
+                                  root=FinetuneRunConfig), ClassifyTask)  # fmt: skip
     assert resumed.step == 4
     resumed.train()
     straight = Trainer(
-        load_config(base[1], [*six, f"train.output_dir={tmp_path / 'straight'}"], root=FinetuneRunConfig)
+        load_config(base[1], [*six, f"train.output_dir={tmp_path / 'straight'}"], root=FinetuneRunConfig), ClassifyTask
     )
     straight.train()
     for k, v in straight.model.state_dict().items():
@@ -375,7 +378,7 @@ def test_teacher_partitioned_with_zero3_gives_the_same_losses(tmp_path, teacher)
 
 def test_teacher_zero3_needs_deepspeed(tmp_path, teacher):
     with pytest.raises(ValueError, match="teacher.zero3=true"):
-        Trainer(tiny(tmp_path, *common(teacher, 1), "teacher.zero3=true"))
+        Trainer(tiny(tmp_path, *common(teacher, 1), "teacher.zero3=true"), pretrain_task)
 
 
 def test_end_of_run_evaluation_on_2_ranks(tmp_path, teacher):

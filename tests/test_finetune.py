@@ -20,8 +20,8 @@ from amd_fast.config import (
 )
 from amd_fast.data import build_dataset
 from amd_fast.data.video import ClipSampler, view_crops
+from amd_fast.finetune import ClassifyTask, mix_batch, smooth_one_hot
 from amd_fast.finetune import main as finetune_main
-from amd_fast.finetune import mix_batch, smooth_one_hot
 from amd_fast.masks import collate_masks
 from amd_fast.models.checkpoint_io import read_state_dict
 from amd_fast.models.classifier import VideoClassifier, layer_decay_groups, load_classifier
@@ -162,23 +162,26 @@ def test_finetune_learns_and_resumes_bit_identically(tmp_path, autocast):
         return globals()["ft_config"](path, *more, f"train.autocast={autocast}")
 
     learn = Trainer(ft_config(tmp_path / "learn", "finetune.mixup=0", "finetune.cutmix=0", "optim.base_lr=2e-2",
-                                "train.steps=200", "train.save_interval=200", "data.batch_size=64"))  # fmt: skip
+                              "train.steps=200", "train.save_interval=200", "data.batch_size=64"),
+                    ClassifyTask)  # fmt: skip
     learn.train()
     res = learn.evaluation
     assert res["top1"] > 50.0, res  # 10 classes: chance is 10%
     assert json.loads((tmp_path / "learn" / "eval.json").read_text().splitlines()[-1])["top1"] == res["top1"]
 
     # with mixup / cutmix and drop path (all drawing from the global RNG): interrupted + resumed == uninterrupted
-    full = Trainer(ft_config(tmp_path / "full", "finetune.mixup=0.8", "finetune.cutmix=1.0"))
+    full = Trainer(ft_config(tmp_path / "full", "finetune.mixup=0.8", "finetune.cutmix=1.0"), ClassifyTask)
     full.train()
 
     part = Trainer(ft_config(tmp_path / "part", "finetune.mixup=0.8", "finetune.cutmix=1.0", "train.steps=60",
-                               "train.save_interval=25"))  # fmt: skip
+                             "train.save_interval=25"), ClassifyTask)  # fmt: skip
     it = part.batches()
     for _ in range(25):  # the first 25 steps, then the process "dies" after its checkpoint
         part.train_step([next(it)])
     part.save()
-    resumed = Trainer(ft_config(tmp_path / "part", "finetune.mixup=0.8", "finetune.cutmix=1.0", "train.resume=auto"))
+    resumed = Trainer(
+        ft_config(tmp_path / "part", "finetune.mixup=0.8", "finetune.cutmix=1.0", "train.resume=auto"), ClassifyTask
+    )
     assert resumed.step == 25
     resumed.train()
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -186,7 +189,9 @@ def test_finetune_learns_and_resumes_bit_identically(tmp_path, autocast):
 
     # eval-only on the fine-tuned file reproduces the result
     ckpt = tmp_path / "learn" / "checkpoint-200.pt"
-    ev = Trainer(ft_config(tmp_path / "ev", f"finetune.init={ckpt}", "finetune.eval_only=true")).evaluate()
+    ev = Trainer(
+        ft_config(tmp_path / "ev", f"finetune.init={ckpt}", "finetune.eval_only=true"), ClassifyTask
+    ).evaluate()
     assert ev["top1"] == res["top1"]
 
 
@@ -293,7 +298,7 @@ def test_finetune_has_the_loop_s_non_finite_guard(tmp_path):
     """Fine-tuning runs in the one training loop: a run whose loss goes NaN is stopped by the same guard, with the
     same message naming the last good checkpoint (and TensorBoard / metrics / progress come with it)."""
     trainer = Trainer(ft_config(tmp_path, "train.steps=30", "train.save_interval=5", "train.max_nonfinite_in_row=3",
-                                "train.tensorboard=true", "train.log_interval=5"))  # fmt: skip
+                                "train.tensorboard=true", "train.log_interval=5"), ClassifyTask)  # fmt: skip
     real = trainer.objective
     trainer.objective = lambda b: (lambda lp: (lp[0] * (float("nan") if trainer.step >= 12 else 1.0), lp[1]))(real(b))
     with pytest.raises(NonFiniteLossError, match=r"3 non-finite steps in a row .* weights of step 12\. The newest "

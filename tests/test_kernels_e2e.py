@@ -16,6 +16,7 @@ from amd_fast.build import make_frozen_teacher
 from amd_fast.config import load_config
 from amd_fast.masks import collate_masks
 from amd_fast.models.vit import build_encoder
+from amd_fast.pretraining import pretrain_task
 from amd_fast.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def _run(tmp_path, kernels: str, objective: str, autocast: str = "off", teacher_
     d = cfg.data
     enc = build_encoder(cfg.teacher.model, img_size=d.input_size, num_frames=d.num_frames)
     teacher = make_frozen_teacher(enc, cfg.objective.teacher_layers, teacher_dtype, torch.device("cpu"))
-    trainer = Trainer(cfg, torch.device("cpu"), teacher=teacher, with_data=False)
+    trainer = Trainer(cfg, pretrain_task, torch.device("cpu"), teacher=teacher, with_data=False)
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(cfg.train.steps):

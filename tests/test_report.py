@@ -5,6 +5,7 @@ import torch
 
 from amd_fast.build import teacher_pretrain_config
 from amd_fast.config import ConfigError, load_config
+from amd_fast.pretraining import pretrain_task
 from amd_fast.report import masked_reconstruction
 from amd_fast.train import main
 from amd_fast.trainer import Trainer
@@ -51,7 +52,9 @@ def test_default_job_path_ends_with_the_probe_table_metrics_and_png(tmp_path, ca
 def test_mae_run_probes_without_a_teacher_and_features_come_from_the_cache(tmp_path):
     """A mae run has no teacher row; its probe reuses probe.py's feature cache (a second evaluation of the same
     checkpoint extracts nothing and gives the same figures)."""
-    trainer = Trainer(tiny(tmp_path, *PROBE, "objective.name=mae", "train.steps=4", "train.save_interval=4"))
+    trainer = Trainer(
+        tiny(tmp_path, *PROBE, "objective.name=mae", "train.steps=4", "train.save_interval=4"), pretrain_task
+    )
     trainer.train()
     res = trainer.evaluation
     assert "probe_teacher_top1" not in res and "rec_teacher" not in res
@@ -67,7 +70,9 @@ def test_mae_run_probes_without_a_teacher_and_features_come_from_the_cache(tmp_p
 def test_predicting_zeros_is_what_a_zero_decoder_scores(tmp_path):
     """The baseline column is the objective's loss of a model that predicts zeros: a checkpoint whose decoder head is
     zeroed scores exactly it, and a trained one scores something else."""
-    path = Trainer(tiny(tmp_path, "objective.name=mae", "train.steps=4", "train.save_interval=4")).train()
+    path = Trainer(
+        tiny(tmp_path, "objective.name=mae", "train.steps=4", "train.save_interval=4"), pretrain_task
+    ).train()
     video = torch.randn(6, 3, 1, 16, 16)
     rec, zeros = masked_reconstruction(path, video)
     assert rec != pytest.approx(zeros)
@@ -96,10 +101,12 @@ def test_tiny_presets_evaluate_at_the_end(preset):
 def test_evaluation_rows_do_not_confuse_resume(tmp_path):
     """An eval row sits at the last step: a later resume cuts rows past its checkpoint, eval rows included."""
     out = tmp_path / "run"
-    Trainer(tiny(out, *PROBE, "objective.name=mae", "train.steps=4", "train.save_interval=2")).train()
+    Trainer(tiny(out, *PROBE, "objective.name=mae", "train.steps=4", "train.save_interval=2"), pretrain_task).train()
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [2, 4, 4] and "eval/probe_student_top1" in rows[-1]
     (out / "checkpoint-4.pt").unlink()
     (out / "checkpoint-4.pt.json").unlink()
-    Trainer(tiny(out, "objective.name=mae", "train.steps=4", "train.save_interval=2", "train.resume=auto")).train()
+    Trainer(
+        tiny(out, "objective.name=mae", "train.steps=4", "train.save_interval=2", "train.resume=auto"), pretrain_task
+    ).train()
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [2, 4]

@@ -17,6 +17,7 @@ from test_train import TINY, read_metrics, tiny
 
 from amd_fast import checkpoint as ckpt
 from amd_fast.config import RANGES, Config, ConfigError, FinetuneRunConfig, ProbeRunConfig, load_config
+from amd_fast.pretraining import pretrain_task
 from amd_fast.train import main
 from amd_fast.trainer import NonFiniteLossError, Trainer
 
@@ -69,12 +70,12 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_good_one(tmp_path,
     newest = tmp_path / "checkpoint-6.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut short
     with caplog.at_level(logging.WARNING, logger="amd_fast"):
-        t = Trainer(tiny(tmp_path, *MAE, "train.steps=6", "train.resume=auto"))
+        t = Trainer(tiny(tmp_path, *MAE, "train.steps=6", "train.resume=auto"), pretrain_task)
     assert t.step == 4
     assert f"not resuming from {newest}: size" in caplog.text and "cut short" in caplog.text
     # the same damage given as an explicit path: an error that names the file and why
     with pytest.raises(ckpt.CheckpointError, match=rf"{newest}: size \d+ bytes, the record says"):
-        Trainer(tiny(tmp_path, *MAE, "train.steps=6", f"train.resume={newest}"))
+        Trainer(tiny(tmp_path, *MAE, "train.steps=6", f"train.resume={newest}"), pretrain_task)
     # flipped bytes of the same size: the checksum
     good = tmp_path / "checkpoint-4.pt"
     data = bytearray(good.read_bytes())
@@ -89,7 +90,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_good_one(tmp_path,
 
 def _sabotaged(tmp_path, bad_from_version, kind, *more):
     """A run whose loss goes NaN (or x1e4) from the weights of step `bad_from_version` on."""
-    trainer = Trainer(tiny(tmp_path, *MAE, "train.steps=20", "train.max_nonfinite_in_row=3", *more))
+    trainer = Trainer(tiny(tmp_path, *MAE, "train.steps=20", "train.max_nonfinite_in_row=3", *more), pretrain_task)
     real = trainer.objective
 
     def objective(batch):
@@ -117,11 +118,11 @@ def test_an_unhealthy_run_stops_naming_the_last_good_checkpoint(tmp_path, kind):
     assert msg.count("checkpoint-10.pt; --resume auto continues from it") == 1
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [10]  # keep 2: 8 went when 12 was written
     assert (tmp_path / "checkpoint-12.pt.unhealthy").exists()
-    assert Trainer(tiny(tmp_path, *MAE, "train.steps=20", "train.resume=auto")).step == 10
+    assert Trainer(tiny(tmp_path, *MAE, "train.steps=20", "train.resume=auto"), pretrain_task).step == 10
 
 
 def test_a_spike_that_passes_does_not_stop_the_run(tmp_path):
-    trainer = Trainer(tiny(tmp_path, *MAE, "train.steps=16", "train.spike_steps=3"))
+    trainer = Trainer(tiny(tmp_path, *MAE, "train.steps=16", "train.spike_steps=3"), pretrain_task)
     real = trainer.objective
     trainer.objective = lambda b: (lambda lp: (lp[0] * (1e4 if trainer.step in (12, 13) else 1), lp[1]))(real(b))
     trainer.train()
@@ -196,16 +197,16 @@ def test_numpy_and_python_rngs_are_seeded_and_resumed(tmp_path):
         trainer.objective = lambda b: (np.random.rand(), random.random(), real(b))[-1]
         return trainer
 
-    Trainer(tiny(tmp_path / "a", *MAE, "train.steps=4"))
+    Trainer(tiny(tmp_path / "a", *MAE, "train.steps=4"), pretrain_task)
     first = (np.random.rand(), random.random())
-    Trainer(tiny(tmp_path / "b", *MAE, "train.steps=4"))
+    Trainer(tiny(tmp_path / "b", *MAE, "train.steps=4"), pretrain_task)
     assert (np.random.rand(), random.random()) == first  # the same seed, the same draws
-    drawing(Trainer(tiny(tmp_path / "straight", *MAE, "train.steps=4"))).train()
+    drawing(Trainer(tiny(tmp_path / "straight", *MAE, "train.steps=4"), pretrain_task)).train()
     straight = (np.random.rand(), random.random())
-    drawing(Trainer(tiny(tmp_path / "resumed", *MAE, "train.steps=2"))).train()
+    drawing(Trainer(tiny(tmp_path / "resumed", *MAE, "train.steps=2"), pretrain_task)).train()
     np.random.seed(123)
     random.seed(123)  # anything in between (another process, in real life)
-    drawing(Trainer(tiny(tmp_path / "resumed", *MAE, "train.steps=4", "train.resume=auto"))).train()
+    drawing(Trainer(tiny(tmp_path / "resumed", *MAE, "train.steps=4", "train.resume=auto"), pretrain_task)).train()
     assert (np.random.rand(), random.random()) == straight
 
 

@@ -7,6 +7,7 @@ import torch
 
 from amd_fast import checkpoint as ckpt
 from amd_fast.config import load_config
+from amd_fast.pretraining import pretrain_task
 from amd_fast.train import main
 from amd_fast.trainer import NonFiniteLossError, Trainer
 
@@ -60,7 +61,7 @@ def _teacher(tmp_path):
     """A small mae teacher checkpoint (the path train.py takes when none is given)."""
     cfg = tiny(tmp_path / "teacher", "objective.name=mae", "train.steps=2", "train.save_interval=2",
                "model.embed_dim=48")  # fmt: skip
-    return str(Trainer(cfg).train())
+    return str(Trainer(cfg, pretrain_task).train())
 
 
 @pytest.mark.parametrize(
@@ -74,11 +75,11 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, objective, autocast):
     teacher = _teacher(tmp_path) if objective == "amd" else ""
     common = [f"objective.name={objective}", f"teacher.checkpoint={teacher}", "train.steps=10",
               "train.save_interval=5", "optim.clip_grad=0.5", f"train.autocast={autocast}"]  # fmt: skip
-    straight = Trainer(tiny(tmp_path / "a", *common))
+    straight = Trainer(tiny(tmp_path / "a", *common), pretrain_task)
     straight.train()
     rng_straight = torch.get_rng_state()  # drop path, say, draws from it: a resume must leave it as it was
 
-    first = Trainer(tiny(tmp_path / "b", *common))
+    first = Trainer(tiny(tmp_path / "b", *common), pretrain_task)
     real_step = first.train_step
 
     def crash_at_7(micro):
@@ -91,7 +92,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, objective, autocast):
         first.train()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [5]
 
-    resumed = Trainer(tiny(tmp_path / "b", *common, "train.resume=auto"))
+    resumed = Trainer(tiny(tmp_path / "b", *common, "train.resume=auto"), pretrain_task)
     assert resumed.step == 5
     resumed.train()
     assert torch.equal(torch.get_rng_state(), rng_straight)
@@ -105,7 +106,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, objective, autocast):
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     cfg = tiny(tmp_path, "objective.name=mae", "train.steps=6", "train.max_nonfinite_in_row=3")
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, pretrain_task)
     real = trainer.objective
     bad_steps = {2, 3}
 
@@ -157,8 +158,8 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path, autocast):
     of 8 rows once, each rounded to bf16 (2^-9 relative) before the fp32 sum: within 2% of the tensor's largest
     entry (a few roundings, with cancellation in the small entries)."""
     more = ["objective.name=mae", "train.steps=1", f"train.autocast={autocast}"]
-    big = Trainer(tiny(tmp_path / "big", *more))
-    small = Trainer(tiny(tmp_path / "small", *more, "data.batch_size=4", "optim.accum_steps=2"))
+    big = Trainer(tiny(tmp_path / "big", *more), pretrain_task)
+    small = Trainer(tiny(tmp_path / "small", *more, "data.batch_size=4", "optim.accum_steps=2"), pretrain_task)
     assert big.global_batch == small.global_batch == 8 and big.lr == small.lr
     batch = next(big.batches())
     halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]

@@ -25,6 +25,7 @@ from amd_fast.data import (
 )
 from amd_fast.data.decoders import available
 from amd_fast.data.media import render_frames, write_moving_clips, write_video
+from amd_fast.pretraining import pretrain_task
 from amd_fast.trainer import Trainer
 
 pytest.importorskip("av", reason="the video extra is not installed (pip install -e .[video])")
@@ -315,7 +316,7 @@ def test_config_checks_for_file_datasets():
 def test_trainer_on_files_with_broken_ones_completes_and_reports(broken, tmp_path, caplog):
     lst, names = broken
     cfg = load_config(None, VIDEO_TINY + [f"data.list_file={lst}", f"train.output_dir={tmp_path}", "train.steps=8"])
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, pretrain_task)
     assert trainer.task.files_per_batch == 4 and trainer.global_batch == 8  # the batch counts clips (4 files x 2)
     batch = next(trainer.batches())
     assert batch["video"].shape == (8, 3, 4, 16, 16)
