@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from amd_fast.measure import measured, sync_of, time_call
+from amd_fast.measure import describe, measured, sync_of, time_rounds
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def _precision_trial(device: torch.device) -> dict:
     """A ViT-S block (width 384, 6 heads) on 392 tokens (the paper's teacher input), forward + backward, in fp32
-    and under bf16 autocast, its non-GEMM ops included -> {dtype: best seconds}. ~1 s in all."""
+    and under bf16 autocast, its non-GEMM ops included -> {dtype: [seconds per round]}. ~1-2 s in all."""
     from amd_fast.models.vit import Block
 
     gen = torch.Generator().manual_seed(0)
@@ -99,20 +99,22 @@ def _precision_trial(device: torch.device) -> dict:
 
         return run
 
-    # interleaved, best of each: a busy moment of a shared machine must not decide
-    out: dict[str, float] = {}
-    for dt in (torch.float32, torch.bfloat16) * 2:
-        name = str(dt).removeprefix("torch.")
-        out[name] = min(out.get(name, float("inf")), time_call(step(dt), reps=2, sync=sync_of(device)))
-    return out
+    return time_rounds({"float32": step(torch.float32), "bfloat16": step(torch.bfloat16)}, rounds=4,
+                       sync=sync_of(device))  # fmt: skip
+
+
+def _bf16_or_fp32(t: dict) -> str:
+    return "bfloat16" if t["bfloat16"] * BF16_MARGIN < t["float32"] else "float32"
 
 
 def fast_cpu_dtype() -> tuple[torch.dtype, str]:
-    """bf16 or fp32 for a CPU, by the measured block trial -> (dtype, the reason with its figures)."""
-    res = measured("precision", torch.device("cpu"), lambda: _precision_trial(torch.device("cpu")))
-    t = res["timings"]
-    fp32, bf16 = t["float32"], t["bfloat16"]
-    dt = torch.bfloat16 if bf16 * BF16_MARGIN < fp32 else torch.float32
-    why = (f"measured a ViT-S block fwd+bwd: bf16 {bf16 * 1e3:.1f} ms vs fp32 {fp32 * 1e3:.1f} ms "
-           f"({fp32 / bf16:.2f}x) on {res['machine']}{', cached' if res.get('cached') else ''}")  # fmt: skip
-    return dt, why
+    """bf16 or fp32 for a CPU, by the measured block trial -> (dtype, the reason with its figures). Rounds that
+    disagree (a busy machine) give fp32, the exact one, for this run; the next run measures again."""
+    choice, res = measured("precision", torch.device("cpu"), lambda: _precision_trial(torch.device("cpu")),
+                           _bf16_or_fp32)  # fmt: skip
+    if not res["conclusive"] and not res.get("cached"):
+        choice = "float32"
+    best = {n: min(v) for n, v in res["timings"].items()}
+    why = (f"a ViT-S block fwd+bwd, {best['float32'] / best['bfloat16']:.2f}x in bf16: {describe(res)} on "
+           f"{res['machine']}")  # fmt: skip
+    return getattr(torch, choice), why

@@ -74,11 +74,16 @@ def cache_dir() -> Path:
 _memo: dict[str, dict] = {}
 
 
-def measured(what: str, device: torch.device, trial) -> dict:
-    """`trial()` -> {option: seconds}, run once per machine and `what` (memoized, cached on disk)."""
+def measured(what: str, device: torch.device, trial, decide) -> tuple[str, dict]:
+    """`trial()` -> {option: [seconds per round]}, run once per machine and `what` (memoized; cached on disk when
+    conclusive); `decide(timings)` -> the choice for one round's (or the best) timings. -> (choice, the record:
+    timings, machine, cached, conclusive). Conclusive: every round makes the same choice. A shared machine's busy
+    moment can flip a round; then this process takes the choice of the best times and the next one measures again
+    (a wrong verdict must not be kept for good)."""
     fake = os.environ.get("AMD_FAST_FAKE_TIMINGS")
     if fake:
-        return {"timings": json.loads(fake)[what.split("/")[0]], "machine": "AMD_FAST_FAKE_TIMINGS", "cached": False}
+        t = _rounds(json.loads(fake)[what.split("/")[0]])
+        return _decided({"timings": t, "machine": "AMD_FAST_FAKE_TIMINGS", "cached": False}, decide)
     key = f"{machine(device)} | {what}"
     if key in _memo:
         return _memo[key]
@@ -86,32 +91,58 @@ def measured(what: str, device: torch.device, trial) -> dict:
     try:
         res = json.loads(path.read_text())
         if res.get("key") == key:
-            _memo[key] = {**res, "cached": True}
+            _memo[key] = _decided({**res, "timings": _rounds(res["timings"]), "cached": True}, decide)
             return _memo[key]
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
-    res = {"key": key, "machine": machine(device), "timings": trial()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(res))
-        tmp.replace(path)
-    except OSError as exc:
-        log.warning("measured choices: cannot write %s (%s); measured again in the next process", path, exc)
-    _memo[key] = {**res, "cached": False}
+    res = {"key": key, "machine": machine(device), "load": round(os.getloadavg()[0], 2), "timings": trial()}
+    choice, res = _decided({**res, "cached": False}, decide)
+    if res["conclusive"]:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({k: v for k, v in res.items() if k not in ("cached", "conclusive")}))
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("measured choices: cannot write %s (%s); measured again in the next process", path, exc)
+    _memo[key] = choice, res
     return _memo[key]
 
 
-def time_call(fn, reps: int = 3, sync=lambda: None) -> float:
-    fn()  # warm: allocations, oneDNN's kernel choice, lazy inits
-    best = float("inf")
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _rounds(timings: dict) -> dict:
+    return {n: list(v) if isinstance(v, (list, tuple)) else [v] for n, v in timings.items()}
+
+
+def _decided(res: dict, decide) -> tuple[str, dict]:
+    t = res["timings"]
+    best = decide({n: min(v) for n, v in t.items()})
+    per_round = {decide({n: v[i] for n, v in t.items()}) for i in range(min(map(len, t.values())))}
+    return best, {**res, "conclusive": per_round == {best}}
+
+
+def time_rounds(trials: dict, rounds: int = 3, sync=lambda: None) -> dict:
+    """{option: call} -> {option: [seconds per round]}: each call warmed once, then timed once per round, the options
+    interleaved within each round (a busy moment hits them alike)."""
+    for fn in trials.values():
+        fn()  # warm: allocations, oneDNN's kernel choice, lazy inits
+    out: dict = {n: [] for n in trials}
+    for _ in range(rounds):
+        for n, fn in trials.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out[n].append(time.perf_counter() - t0)
+    return out
+
+
+def describe(res: dict) -> str:
+    """The figures behind a choice, for the log: best ms per option, fastest first; how it was obtained."""
+    best = {n: min(v) for n, v in res["timings"].items()}
+    figs = ", ".join(f"{n} {s * 1e3:.2f} ms" for n, s in sorted(best.items(), key=lambda x: x[1]))
+    how = "cached" if res.get("cached") else "measured" if res.get("conclusive") else \
+        "rounds disagree (a busy machine?): this run only, measured again next run"  # fmt: skip
+    return f"{figs} ({how})"
 
 
 def sync_of(device: torch.device):
@@ -128,13 +159,11 @@ def bucket(n: int) -> int:
 
 
 def fastest(what: str, device: torch.device, trials: dict) -> tuple[str, str]:
-    """trials: {option: a zero-argument call}; each timed (best of 3 after a warm-up call) once per machine and
-    `what` (the kind of call and its shape class) -> (the fastest option, the reason with the figures)."""
-    res = measured(what, device, lambda: {n: time_call(fn, sync=sync_of(device)) for n, fn in trials.items()})
-    t = {n: s for n, s in res["timings"].items() if n in trials}
-    best = min(t, key=t.get)
-    figs = ", ".join(f"{n} {s * 1e3:.2f} ms" for n, s in sorted(t.items(), key=lambda x: x[1]))
-    return best, f"measured {what.split('/', 1)[-1]}: {figs}{', cached' if res.get('cached') else ''}"
+    """trials: {option: a zero-argument call}; timed in 3 interleaved rounds once per machine and `what` (the kind of
+    call and its shape class) -> (the fastest option, the reason with the figures)."""
+    best, res = measured(what, device, lambda: time_rounds(trials, sync=sync_of(device)),
+                         lambda t: min((n for n in t if n in trials), key=t.get))  # fmt: skip
+    return best, f"{what.split('/', 1)[-1]}: {describe(res)}"
 
 
 def attention_class(q: torch.Tensor, k: torch.Tensor, grad: bool) -> str:

@@ -48,15 +48,31 @@ def test_precision_trial_runs_here_and_is_cached(fresh, monkeypatch):
     dt, why = device.fast_cpu_dtype()
     assert dt in (torch.float32, torch.bfloat16)
     files = list(fresh.glob("*.json"))
-    assert len(files) == 1
-    saved = json.loads(files[0].read_text())
-    assert set(saved["timings"]) == {"float32", "bfloat16"} and all(t > 0 for t in saved["timings"].values())
+    saved = json.loads(files[0].read_text()) if files else None
+    if saved is None:  # the rounds disagreed (a busy machine): fp32 for now, nothing kept
+        assert dt == torch.float32 and "rounds disagree" in why
+        return
+    assert set(saved["timings"]) == {"float32", "bfloat16"}
+    assert all(len(v) == 4 and min(v) > 0 for v in saved["timings"].values())
     assert measure.cpu_model_and_flags()[0] in saved["machine"] and "ms" in why
     # another process (no verdict in memory) reads the file and does not measure again
     monkeypatch.setattr(measure, "_memo", {})
-    monkeypatch.setattr(device, "_precision_trial", lambda device: pytest.fail("measured again"))
+    monkeypatch.setattr(device, "_precision_trial", lambda d: pytest.fail("measured again"))
     dt2, why2 = device.fast_cpu_dtype()
-    assert dt2 == dt and why2.endswith("cached")
+    assert dt2 == dt and "(cached)" in why2
+
+
+def test_a_measurement_whose_rounds_disagree_is_not_kept(fresh, monkeypatch):
+    """A busy moment flips a round: this run takes fp32 (the exact one) and the next run measures again; rounds that
+    agree are kept."""
+    trial = {"float32": [1.0, 1.0, 1.0, 1.0], "bfloat16": [0.5, 0.5, 2.0, 0.5]}  # best: bf16 2x; one round: fp32
+    monkeypatch.setattr(device, "_precision_trial", lambda d: trial)
+    dt, why = device.fast_cpu_dtype()
+    assert dt == torch.float32 and "rounds disagree" in why and not list(fresh.glob("*.json"))
+    monkeypatch.setattr(measure, "_memo", {})
+    trial["bfloat16"][2] = 0.6
+    dt, why = device.fast_cpu_dtype()
+    assert dt == torch.bfloat16 and "2.00x in bf16" in why and len(list(fresh.glob("*.json"))) == 1
 
 
 def test_attention_trial_runs_here_per_shape_class(fresh):
@@ -66,10 +82,12 @@ def test_attention_trial_runs_here_per_shape_class(fresh):
     with torch.no_grad():  # forward only: another class
         fn(q, k, v)
     fn(q[:, :, :33], k, v)  # 33 queries: the same bucket (64) as 40, measured once
-    whats = sorted(json.loads(f.read_text())["key"].split(" | ")[-1] for f in fresh.glob("*.json"))
+    whats = sorted(k.split(" | ")[-1] for k in measure._memo)  # measured once per class (kept on disk when the
     assert whats == ["attention/cpu float32 bh8 q64 k64 d16 fwd", "attention/cpu float32 bh8 q64 k64 d16 fwd+bwd"]
+    for _, res in measure._memo.values():  # rounds agree, which a busy machine may prevent)
+        assert set(res["timings"]) == {"sdpa", "math"} and all(len(v) == 3 for v in res["timings"].values())
     for f in fresh.glob("*.json"):
-        assert set(json.loads(f.read_text())["timings"]) == {"sdpa", "math"}
+        assert json.loads(f.read_text())["key"] in measure._memo
 
 
 @pytest.mark.parametrize("fastest", ["reference", "chunked"])
@@ -111,6 +129,7 @@ def test_kernel_trials_run_here_per_shape_class_and_leave_the_graph_alone(fresh,
     torch.testing.assert_close(h.grad, h2.grad)
     torch.testing.assert_close(w.grad, w2.grad)
     fused_alignment_loss(h[:, :6], w, None, t[:, :6])  # 12 rows: the same bucket (16) as 14, not measured again
-    files = [json.loads(f.read_text()) for f in fresh.glob("*.json")]
-    assert len(files) == 1 and files[0]["key"].split(" | ")[-1].startswith("kernels/alignment_loss cpu float32 r16")
-    assert set(files[0]["timings"]) == set(kb.candidates("alignment_loss", torch.device("cpu"), torch.float32))
+    (key,) = measure._memo  # one class measured (on disk too when its rounds agreed)
+    assert key.split(" | ")[-1].startswith("kernels/alignment_loss cpu float32 r16")
+    _, res = measure._memo[key]
+    assert set(res["timings"]) == set(kb.candidates("alignment_loss", torch.device("cpu"), torch.float32))
