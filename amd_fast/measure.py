@@ -77,9 +77,10 @@ _memo: dict[str, dict] = {}
 def measured(what: str, device: torch.device, trial, decide) -> tuple[str, dict]:
     """`trial()` -> {option: [seconds per round]}, run once per machine and `what` (memoized; cached on disk when
     conclusive); `decide(timings)` -> the choice for one round's (or the best) timings. -> (choice, the record:
-    timings, machine, cached, conclusive). Conclusive: every round makes the same choice. A shared machine's busy
-    moment can flip a round; then this process takes the choice of the best times and the next one measures again
-    (a wrong verdict must not be kept for good)."""
+    timings, machine, cached, conclusive). Conclusive: every round makes the same choice, on a machine not busy with
+    other work (1-minute load average under 3/4 of the CPUs). A shared machine's busy moment can flip a choice;
+    then this process takes the choice of the best times and the next one measures again (a wrong verdict must not
+    be kept for good)."""
     fake = os.environ.get("AMD_FAST_FAKE_TIMINGS")
     if fake:
         t = _rounds(json.loads(fake)[what.split("/")[0]])
@@ -95,8 +96,11 @@ def measured(what: str, device: torch.device, trial, decide) -> tuple[str, dict]
             return _memo[key]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    res = {"key": key, "machine": machine(device), "load": round(os.getloadavg()[0], 2), "timings": trial()}
+    load = os.getloadavg()[0]  # other work on the machine while it is timed: recorded, and a verdict not kept
+    res = {"key": key, "machine": machine(device), "load": round(load, 2), "timings": trial()}
     choice, res = _decided({**res, "cached": False}, decide)
+    busy = max(load, os.getloadavg()[0]) > 0.75 * (os.cpu_count() or 1)
+    res["conclusive"] = res["conclusive"] and not busy
     if res["conclusive"]:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
