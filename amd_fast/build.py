@@ -8,6 +8,7 @@ import warnings
 
 import torch
 
+from amd_fast import checkpoint as ckpt
 from amd_fast.attention import select_backend
 from amd_fast.config import Config, DecoderConfig, MaskConfig, ModelConfig, ObjectiveConfig
 from amd_fast.device import fast_dtype_and_reason, log_choice
@@ -48,8 +49,8 @@ def build_student(
                 f"objective.student_layers={objective_cfg.student_layers} exceeds the student depth {encoder.depth}"
             )
     model = PretrainModel(encoder, decoder_cfg.embed_dim, decoder_cfg.depth, decoder_cfg.num_heads, **kw)
-    if model_cfg.init:
-        load_pretrain(model, model_cfg.init)
+    if model_cfg.init:  # a file (checked against its record when it has one) or a DeepSpeed directory
+        load_pretrain(model, ckpt.read_checkpoint(model_cfg.init), source=model_cfg.init)
     return model
 
 
@@ -59,7 +60,7 @@ def build_teacher(teacher_cfg, teacher_layers: list[int], device: torch.device, 
     if not teacher_cfg.checkpoint:
         raise ValueError("teacher.checkpoint is empty: give a (Video)MAE checkpoint, or let train.py pre-train one")
     encoder = build_encoder(teacher_cfg.model, img_size=img_size, num_frames=num_frames)
-    load_encoder(encoder, teacher_cfg.checkpoint)
+    load_encoder(encoder, ckpt.read_checkpoint(teacher_cfg.checkpoint), source=teacher_cfg.checkpoint)
     teacher = make_frozen_teacher(encoder.to(device), teacher_layers, teacher_cfg.dtype, device, partition)
     select_backend(teacher_cfg.model.attn_backend, device, teacher.dtype)  # checked (and logged) for its dtype
     log.info("teacher: %s, runs in %s up to block %d%s", teacher_cfg.checkpoint, teacher_cfg.dtype,
@@ -127,7 +128,7 @@ def teacher_pretrain_config(cfg: Config) -> Config:
     t.optim.clip_grad = 0.0
     t.train.steps = cfg.teacher.pretrain_steps
     t.train.warmup_steps = max(1, cfg.teacher.pretrain_steps // 10)
-    t.train.output_dir = f"{cfg.train.output_dir}/teacher"
+    t.train.output_dir = f"{cfg.train.output_dir}/{ckpt.TEACHER_DIR}"
     t.train.save_interval = min(cfg.train.save_interval, cfg.teacher.pretrain_steps)
     t.train.resume = "auto"
     t.train.eval_probe = False  # the student's end-of-run evaluation probes the teacher too

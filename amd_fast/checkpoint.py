@@ -7,14 +7,20 @@ final name: a crash leaves either the previous complete checkpoint or the new on
 Then its record `checkpoint-N.pt.json` is written the same way (size, SHA-256, the run's id): a checkpoint
 without it, or whose bytes no longer match it, is not resumed from (`verify_file`).
 
-An output folder belongs to one run (`run.json`: its id). A run that finds another run's checkpoints or metrics
-there stops at start unless told to resume (`--resume auto`) or to move the old run aside (`--overwrite`);
-keep-N cleanup deletes only checkpoints whose record names this run.
+Every checkpoint amd_fast reads goes through `read_checkpoint` (resume, teacher.checkpoint, model.init, finetune.init,
+probe.init, export, visualize): a file with a record is checked against it first (a mismatch is an error naming the
+file); a file without one (an official VideoMAE / MAE file) is read as it is; a DeepSpeed directory is checked against
+its meta.json and consolidated.
 
-A DeepSpeed checkpoint is a directory written by amd_fast/engine.py; it is read here too, whole (`consolidate`:
-DeepSpeed's zero_to_fp32 merges the shards, no process group needed), so that the engine, export, fine-tuning and
-probing all read checkpoints of either kind through this module (`read_checkpoint`, `weights_source`). DeepSpeed is
-imported inside the functions that read its files: importing this module never imports it.
+An output folder belongs to one run (`run.json`: its id), its teacher's folder (`teacher/`) included. A run that finds
+another run's checkpoints or metrics there stops at start unless told to resume (`--resume auto`) or to move the old
+run aside (`--overwrite`, the only way to start over); a resume that finds checkpoints but none it can use stops too,
+naming each and why (`resume_point`). Keep-N cleanup deletes only checkpoints whose record names this run, up to the
+step being saved.
+
+A DeepSpeed checkpoint is a directory written by amd_fast/engine.py, its meta.json (every file's size and SHA-256)
+written last; it is read here too, whole (`consolidate`: DeepSpeed's zero_to_fp32 merges the shards, no process group
+needed). DeepSpeed is imported inside the functions that read its files: importing this module never imports it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -39,7 +46,9 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 _DIR_NAME = re.compile(r"^checkpoint-(\d+)$")
+_ASIDE_NAME = re.compile(r"^checkpoint-(\d+)(?:\.pt)?\.unhealthy$")  # `set_aside_unhealthy`
 META = "meta.json"  # a DeepSpeed checkpoint directory's completeness marker (written last)
+TEACHER_DIR = "teacher"  # train.py pre-trains a missing teacher in <output_dir>/teacher: part of the run
 
 
 TMP_MARK = ".tmp-"  # temporary files are `.<name>.tmp-<pid>`: never matched as checkpoints, removed at start
@@ -82,12 +91,17 @@ def record_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def write_record(path: Path, **fields) -> None:
+    """`<file>.json`: `fields`, the file's size and SHA-256. Written after the file (the completeness marker); every
+    read checks the file against it (`read_checkpoint`)."""
+    write_json_atomic({**fields, "size": path.stat().st_size, "sha256": _sha256(path)}, record_path(path))
+
+
 def save_checkpoint(state: dict, out_dir: Path, step: int, run_id: str, keep: int) -> Path:
     """A one-process checkpoint: the file, then its record (written last: the completeness marker), then keep-N."""
     path = save_atomic(state, Path(out_dir) / f"checkpoint-{step}.pt")
-    write_json_atomic({"step": step, "run_id": run_id, "size": path.stat().st_size, "sha256": _sha256(path)},
-                      record_path(path))  # fmt: skip
-    prune(out_dir, keep, run_id)
+    write_record(path, step=step, run_id=run_id)
+    prune(out_dir, keep, run_id, step)
     return path
 
 
@@ -100,6 +114,7 @@ def read_record(path: Path) -> dict | None:
 
 def verify_file(path: Path) -> str | None:
     """Why a one-process checkpoint cannot be resumed from, or None when its bytes match its record."""
+    path = Path(path)
     rec = read_record(path)
     if rec is None:
         return f"no record {record_path(path).name} (written after the checkpoint: the write did not finish)"
@@ -112,7 +127,8 @@ def verify_file(path: Path) -> str | None:
 
 
 def load_file(path: str | Path) -> dict:
-    """A training checkpoint file, read as every checkpoint is (`checkpoint_io.torch_load`: weights_only)."""
+    """A file of tensors and plain containers, unchecked (`checkpoint_io.torch_load`: weights_only). A checkpoint is
+    read with `read_checkpoint`, which checks it first."""
     return torch_load(path)
 
 
@@ -142,12 +158,27 @@ def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune(directory: str | Path, keep: int, run_id: str) -> None:
-    """Keep the newest `keep` checkpoints of run `run_id`; never touch another run's (or an unrecorded) file."""
-    ours = [p for _, p in list_checkpoints(directory) if (read_record(p) or {}).get("run_id") == run_id]
+def _run_of(path: Path) -> str | None:
+    """The run id a checkpoint of either kind was written by (its record or meta.json), None if it has none."""
+    try:
+        rec = read_meta(path) if is_ds_checkpoint(path) else read_record(path)
+    except (OSError, ValueError):
+        rec = None
+    return (rec or {}).get("run_id")
+
+
+def prune(directory: str | Path, keep: int, run_id: str, step: int) -> None:
+    """Keep the newest `keep` checkpoints (either kind) that run `run_id` wrote, up to `step` (the one just saved).
+    Never another run's or an unrecorded one, nor one past `step`: a damaged one `--resume auto` passed over, or the
+    rest of a run resumed from further back (the run writes those steps again)."""
+    found = sorted(list_checkpoints(directory) + list_ds_checkpoints(directory))
+    ours = [p for s, p in found if s <= step and _run_of(p) == run_id]
     for p in ours[:-keep] if keep > 0 else []:
-        p.unlink(missing_ok=True)
-        record_path(p).unlink(missing_ok=True)
+        if is_ds_checkpoint(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+            record_path(p).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,31 +198,86 @@ def list_ds_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def write_ds_meta(path: Path, **fields) -> None:
+    """A DeepSpeed checkpoint directory's meta.json: `fields`, and every file's size and SHA-256. Written last, once
+    every rank has written its files (the completeness marker)."""
+    files = {f.name: f for f in sorted(Path(path).iterdir()) if f.is_file() and f.name != META}
+    sizes = {name: f.stat().st_size for name, f in files.items()}
+    write_json_atomic({**fields, "files": sizes, "sha256": {name: _sha256(f) for name, f in files.items()}},
+                      Path(path) / META)  # fmt: skip
+
+
 def verify_ds_checkpoint(path: Path) -> str | None:
-    """Why a DeepSpeed checkpoint directory cannot be resumed from, or None when its files match meta.json."""
+    """Why a DeepSpeed checkpoint directory cannot be resumed from, or None when its files match meta.json (sizes;
+    SHA-256 too where meta.json has them)."""
+    path = Path(path)
+    if not (path / META).exists():
+        return f"no {META} (written last: the save did not finish)"
     try:
-        files = read_meta(path).get("files")
+        meta = read_meta(path)
     except (OSError, ValueError) as e:
         return f"unreadable {META} ({e})"
-    for name, size in (files or {}).items():
+    for name, size in (meta.get("files") or {}).items():
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} is {f.stat().st_size} bytes, {META} says {size} (cut short or overwritten)"
+    for name, digest in (meta.get("sha256") or {}).items():
+        if _sha256(path / name) != digest:
+            return f"{name}: its SHA-256 does not match {META} (damaged)"
     return None
+
+
+def verify(path: Path) -> str | None:
+    """Why a checkpoint of either kind cannot be resumed from, or None when it matches its record / meta.json."""
+    return verify_ds_checkpoint(path) if is_ds_checkpoint(path) else verify_file(path)
 
 
 def find_resume(directory: str | Path) -> Path | None:
     """The newest checkpoint of either kind that verifies: `checkpoint-N.pt` (one process; its record's size and
-    SHA-256) or `checkpoint-N/` (DeepSpeed; meta.json's file sizes). A damaged one is named, with why, and the
-    next older one is tried."""
+    SHA-256) or `checkpoint-N/` (DeepSpeed; meta.json's file sizes and SHA-256). A damaged one is named, with why, and
+    the next older one is tried."""
     found = sorted(list_checkpoints(directory) + list_ds_checkpoints(directory), reverse=True)
     for _, path in found:
-        why = verify_ds_checkpoint(path) if is_ds_checkpoint(path) else verify_file(path)
+        why = verify(path)
         if why is None:
             return path
         log.warning("not resuming from %s: %s; trying an older checkpoint", path, why)
+    return None
+
+
+def _every_checkpoint(directory: Path) -> list[tuple[Path, str, bool]]:
+    """Every checkpoint in `directory`, newest first: (path, why it cannot be resumed from, whether its save finished:
+    its record / meta.json written, or set aside as unhealthy). Called when none verifies."""
+    found = []
+    for p in directory.iterdir() if directory.is_dir() else ():
+        if m := _ASIDE_NAME.match(p.name):
+            found.append((int(m.group(1)), p, "set aside as unhealthy (written after the run's trouble began)", True))
+        elif (m := _NAME.match(p.name)) or ((m := _DIR_NAME.match(p.name)) and p.is_dir()):
+            marker = p / META if is_ds_checkpoint(p) else record_path(p)
+            found.append((int(m.group(1)), p, verify(p), marker.exists()))
+    return [(p, why, done) for _, p, why, done in sorted(found, key=lambda f: (f[0], f[1].name), reverse=True)]
+
+
+def resume_point(directory: str | Path) -> Path | None:
+    """Where `--resume auto` continues: the newest checkpoint that verifies (`find_resume`), or None (a fresh start)
+    when the folder holds none of a previous run's. The newest one without its record or meta.json does not count: the
+    save was killed before its completeness marker, and the run writes that step again. A folder whose checkpoints
+    are all unusable is an error listing each and why: a fresh start there would overwrite them and drop the run's
+    metric rows."""
+    path = find_resume(directory)
+    if path is not None:
+        return path
+    found = _every_checkpoint(Path(directory))
+    if found and not found[0][2]:
+        found = found[1:]
+    if found:
+        listed = "; ".join(f"{p.name}: {why}" for p, why, _ in found)
+        raise CheckpointError(
+            f"{directory} holds a previous run but none of its checkpoints can be resumed from: {listed}. To start "
+            "over pass --overwrite (the old run is moved aside, not deleted), or choose another train.output_dir."
+        )
     return None
 
 
@@ -279,26 +365,23 @@ def consolidate(path: str | Path) -> dict:
         "optimizer": optimizer,
         "step": top["step"],
         "nonfinite_total": top.get("nonfinite_total", 0),
-        "rng": torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
+        "health": top.get("health", {}),
+        "rng": load_file(rng_file) if rng_file.exists() else None,
         "config": top["config"],
         "meta": {**top.get("meta", {}), "consolidated_from": str(path), "saved_world_size": meta["world_size"]},
     }
 
 
-def weights_source(path: str | Path):
-    """What `checkpoint_io.read_state_dict` reads: a file path as it is (official files included), a DeepSpeed
-    directory consolidated into the one-process checkpoint dict first."""
-    return read_checkpoint(path) if is_ds_checkpoint(path) else path
-
-
 def read_checkpoint(path: str | Path, verified: bool = False) -> dict:
-    """A training checkpoint of either kind as one dict (`model`, `optimizer`, `step`, `rng`, `config`, `meta`):
-    a one-process file, checked against its record when it has one, or a DeepSpeed directory, checked against its
-    meta.json and consolidated. Errors name the file and why. verified: `find_resume` has just checked it (the
-    SHA-256 of a large file is not worth computing twice)."""
+    """The one reader of checkpoints: a file or a DeepSpeed directory -> its dict. A file with a record
+    (`<file>.json`) is checked against it first (size, SHA-256); a file without one (an official VideoMAE / MAE file)
+    is read as it is; a DeepSpeed directory is checked against its meta.json, then consolidated into the one-process
+    layout (`model`, `optimizer`, `step`, `rng`, `config`, `meta`). Errors name the file and why. The weights loaders
+    (checkpoint_io.load_encoder / load_pretrain, classifier.load_classifier) take the dict. verified: `find_resume`
+    has just checked it (the SHA-256 of a large file is not worth computing twice)."""
     path = Path(path)
     if not verified:
-        why = verify_ds_checkpoint(path) if is_ds_checkpoint(path) else verify_file(path)
+        why = verify(path)
         if why is not None and (is_ds_checkpoint(path) or read_record(path) is not None):
             raise CheckpointError(f"{path}: {why}")
     if is_ds_checkpoint(path):
@@ -312,23 +395,28 @@ def read_checkpoint(path: str | Path, verified: bool = False) -> dict:
 RUN_FILE = "run.json"
 
 
-def _run_artifacts(out_dir: Path) -> list[str]:
-    """What marks a folder as used by a run: checkpoints (either kind), metrics, evaluation results."""
+def _run_artifacts(out_dir: Path, nested: tuple[str, ...]) -> list[str]:
+    """What marks a folder as used by a run: checkpoints (either kind), metrics, evaluation results; and those of the
+    `nested` folders (a run's earlier stage: its teacher)."""
     if not out_dir.is_dir():
         return []
     names = []
     for p in sorted(out_dir.iterdir()):
-        if _NAME.match(p.name) or re.match(r"^checkpoint-\d+$", p.name) or p.name in ("metrics.jsonl", "eval.json"):
+        if _NAME.match(p.name) or _DIR_NAME.match(p.name) or p.name in ("metrics.jsonl", "eval.json"):
             names.append(p.name)
+        elif p.name in nested:
+            names += [f"{p.name}/{n}" for n in _run_artifacts(p, ())]
     return names
 
 
-def prepare_output_dir(out_dir: str | Path, resume: str, overwrite: bool) -> None:
+def prepare_output_dir(
+    out_dir: str | Path, resume: str, overwrite: bool, nested: tuple[str, ...] = (TEACHER_DIR,)
+) -> None:
     """At start, before anything is written (rank 0 only). A folder holding another run's checkpoints or metrics
-    is only reused when told: resume, or overwrite (the old run is moved aside to `<dir>.old-<time>`, never
-    deleted). Temporary files left by a killed write are removed."""
+    (its teacher's folder included: `nested`) is only reused when told: resume, or overwrite (the old run is moved
+    aside to `<dir>.old-<time>`, never deleted). Temporary files left by a killed write are removed."""
     out_dir = Path(out_dir)
-    used = _run_artifacts(out_dir)
+    used = _run_artifacts(out_dir, nested)
     if used and overwrite:
         aside = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(out_dir, aside)

@@ -15,9 +15,9 @@ Launch (each rank gets RANK / WORLD_SIZE / LOCAL_RANK from the launcher):
     torchrun --nproc_per_node 8 amd_fast/train.py --config ...
 
 A DeepSpeed checkpoint is a directory `<output_dir>/checkpoint-<step>/` (DeepSpeed's files, one RNG file per
-rank, and `meta.json` written last: a directory without it is incomplete and never resumed from). On the same
-number of ranks it resumes through `load_checkpoint`; on another number (one plain process included) it is
-first consolidated: fp32 master weights and Adam moments of every parameter gathered from the shards
+rank, and `meta.json` written last, with every file's size and SHA-256: a directory without it is incomplete and never
+resumed from). On the same number of ranks it resumes through `load_checkpoint`; on another number (one plain process
+included) it is first consolidated: fp32 master weights and Adam moments of every parameter gathered from the shards
 (`checkpoint.consolidate`, which needs no process group: export, fine-tuning and probing read it there too).
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -379,7 +378,7 @@ class DeepSpeedEngine:
 
     def save(self, out_dir: Path, step: int, client_state: dict, keep: int, run_id: str = "") -> Path:
         """Every rank writes its shard; rank 0 writes meta.json last (the completeness marker, with every file's
-        size, checked on resume), then prunes this run's older checkpoints."""
+        size and SHA-256, checked wherever the directory is read), then prunes this run's older checkpoints."""
         tag = f"checkpoint-{step}"
         path = out_dir / tag
         client_state = {**client_state, "param_group_names": self.group_names}  # for `ckpt.consolidate`
@@ -388,13 +387,8 @@ class DeepSpeedEngine:
         (path / f"shard-rank{self.rank}.json").write_text(json.dumps(self.shard_sizes()))  # what this rank holds
         self.barrier()
         if self.rank == 0:
-            files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file() and f.name != ckpt.META}
-            meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage, "run_id": run_id,
-                    "files": files}  # fmt: skip
-            ckpt.write_json_atomic(meta, path / ckpt.META)
-            ours = [d for _, d in ckpt.list_ds_checkpoints(out_dir) if ckpt.read_meta(d).get("run_id") == run_id]
-            for old in ours[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+            ckpt.write_ds_meta(path, step=step, world_size=self.world_size, zero_stage=self.zero_stage, run_id=run_id)
+            ckpt.prune(out_dir, keep, run_id, step)
         self.barrier()
         return path
 
@@ -409,8 +403,8 @@ class DeepSpeedEngine:
                 raise ckpt.CheckpointError(f"{path}: {why}")
             _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
             rng = path / f"rng-rank{self.rank}.pt"
-            if rng.exists():
-                ckpt.set_rng_state(torch.load(rng, weights_only=True))
+            if rng.exists():  # checked with the directory above
+                ckpt.set_rng_state(ckpt.load_file(rng))
             return client
         state = ckpt.read_checkpoint(path, verified)
         self.load_full({**state, "model": self.io.own(state["model"])})

@@ -19,8 +19,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the package importable from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 from amd_fast import checkpoint as ckpt  # noqa: E402
 
 
@@ -31,7 +29,8 @@ def default_destination(src: str | Path) -> Path:
 
 
 def export_student(src: str | Path, dst: str | Path | None = None) -> Path:
-    """Training checkpoint (file or DeepSpeed directory) -> `dst` with {"model", "step", "config", "meta"}."""
+    """Training checkpoint (file or DeepSpeed directory) -> `dst` with {"model", "step", "config", "meta"}, and its
+    record `<dst>.json` (size, SHA-256: checked wherever amd_fast reads it; other loaders ignore it)."""
     state = ckpt.read_checkpoint(src)
     out = {
         "model": {k: v.float().contiguous() for k, v in state["model"].items()},
@@ -39,7 +38,9 @@ def export_student(src: str | Path, dst: str | Path | None = None) -> Path:
         "config": state["config"],
         "meta": {**state.get("meta", {}), "exported_from": str(src)},
     }
-    return ckpt.save_atomic(out, dst or default_destination(src))
+    path = ckpt.save_atomic(out, dst or default_destination(src))
+    ckpt.write_record(path, step=state["step"])
+    return path
 
 
 def main(argv=None) -> int:
@@ -47,8 +48,12 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="checkpoint-N/ (DeepSpeed) or checkpoint-N.pt (one process)")
     p.add_argument("output", nargs="?", default=None, help="default: student-N.pt beside the checkpoint")
     args = p.parse_args(argv)
-    path = export_student(args.checkpoint, args.output)
-    n = sum(v.numel() for v in torch.load(path, weights_only=True)["model"].values())
+    try:
+        path = export_student(args.checkpoint, args.output)
+    except ckpt.CheckpointError as e:  # damaged, or not a checkpoint of tensors: one line, as training says it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(v.numel() for v in ckpt.read_checkpoint(path)["model"].values())
     print(f"wrote {path}: {n / 1e6:.2f}M student parameters (fp32)")
     return 0
 

@@ -123,8 +123,8 @@ class ClassifyTask:
         self.views = f.test_clips * f.test_crops
         encoder = build_encoder(cfg.model, img_size=d.input_size, num_frames=d.num_frames)
         self.model = VideoClassifier(encoder, self.num_classes, f.head_init_scale)
-        if f.init:
-            load_classifier(self.model, ckpt.weights_source(f.init))
+        if f.init:  # a file (checked against its record when it has one) or a DeepSpeed directory
+            load_classifier(self.model, ckpt.read_checkpoint(f.init))
         self.model.to(device)
         if t.compile:
             compile_blocks(self.model)

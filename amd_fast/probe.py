@@ -36,7 +36,7 @@ from amd_fast.cli import setup_logging  # noqa: E402
 from amd_fast.config import ConfigError, ProbeRunConfig, load_config, to_dict  # noqa: E402
 from amd_fast.data import DATASETS, FileClips, collate_clips, dataset_for  # noqa: E402
 from amd_fast.device import autocast_dtype  # noqa: E402
-from amd_fast.models.checkpoint_io import load_encoder, read_state_dict, trust  # noqa: E402
+from amd_fast.models.checkpoint_io import CheckpointError, load_encoder, trust  # noqa: E402
 from amd_fast.models.vit import VisionTransformer, build_encoder  # noqa: E402
 
 log = logging.getLogger("amd_fast.probe")
@@ -131,7 +131,7 @@ def build_probe_encoder(cfg: ProbeRunConfig) -> VisionTransformer | None:
     torch.manual_seed(cfg.train.seed)  # a random-init encoder is reproducible
     encoder = build_encoder(cfg.model, img_size=d.input_size, num_frames=d.num_frames)
     if p.init:
-        load_encoder(encoder, read_state_dict(ckpt.weights_source(p.init)))
+        load_encoder(encoder, ckpt.read_checkpoint(p.init), source=p.init)
     return encoder.eval()
 
 
@@ -152,7 +152,7 @@ def features(cfg: ProbeRunConfig, device: torch.device | None = None) -> tuple[t
     p, d = cfg.probe, cfg.data
     cache = Path(p.cache_dir or Path(cfg.train.output_dir) / "features") / f"{_fingerprint(cfg)}.pt"
     if cache.exists():
-        blob = torch.load(cache, weights_only=True)
+        blob = ckpt.load_file(cache)
         log.info("features from cache %s", cache)
     else:
         train_set, test_set = probe_sets(cfg)
@@ -220,7 +220,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    res = run_probe(cfg)
+    try:
+        res = run_probe(cfg)
+    except CheckpointError as e:  # probe.init damaged, or not a checkpoint of tensors: one line, as training says it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
     return 0
 

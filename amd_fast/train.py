@@ -50,7 +50,11 @@ def main(argv=None) -> int:
                   "checkpoint or a number of mae steps to pre-train one", file=sys.stderr)  # fmt: skip
             return 2
         log.info("no teacher.checkpoint: pre-training a teacher with mae for %d steps", cfg.teacher.pretrain_steps)
-        teacher_trainer = Trainer(teacher_pretrain_config(cfg), pretrain_task, device, rank, world_size)
+        try:
+            teacher_trainer = Trainer(teacher_pretrain_config(cfg), pretrain_task, device, rank, world_size)
+        except CheckpointError as e:  # its folder's checkpoints all unusable, say
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         teacher_path = teacher_trainer.train()
         if ckpt.is_ds_checkpoint(teacher_path):  # sharded: the teacher loader reads one file
             exported = teacher_path.with_name(teacher_path.name.replace("checkpoint-", "student-") + ".pt")

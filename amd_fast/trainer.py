@@ -42,8 +42,7 @@ class NonFiniteLossError(RuntimeError):
     """The run went unhealthy (non-finite or spiking losses for too many steps in a row) and was stopped."""
 
 
-SPIKE_WINDOW = 100  # healthy steps whose median loss a spike is judged against
-SPIKE_MIN_HISTORY = 10  # the guard starts once this many healthy steps are known
+SPIKE_WINDOW = 100  # healthy steps whose median loss a spike is judged against (saved in every checkpoint)
 
 
 class Trainer:
@@ -66,7 +65,8 @@ class Trainer:
         self.out_dir = Path(t.output_dir)
         self.eval_only = evaluates_only(cfg)
         if rank == 0 and not self.eval_only:  # a used folder is only reused when told; stale temporary files go
-            ckpt.prepare_output_dir(self.out_dir, t.resume, t.overwrite)
+            # (its teacher/ folder is not looked at: train.py checked the whole folder before its teacher stage ran)
+            ckpt.prepare_output_dir(self.out_dir, t.resume, t.overwrite, nested=())
             ckpt.run_id(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_io.trust(t.unsafe_pickle)
@@ -161,7 +161,9 @@ class Trainer:
 
     def _spike_guard(self, loss: torch.Tensor, version: int) -> None:
         """A loss above train.spike_factor x the median of the last healthy steps is a spike; train.spike_steps of
-        them in a row stop the run as a non-finite streak does."""
+        them in a row stop the run as a non-finite streak does. Judged from the second step on: against the run's
+        first losses until SPIKE_WINDOW are known, and after a resume against the checkpoint's history (a run that
+        explodes in its first steps, or is resumed at a rate that blows it up, is caught at once)."""
         t = self.cfg.train
         if t.spike_factor <= 0:
             return
@@ -169,7 +171,7 @@ class Trainer:
         # every rank agrees on the run's health (and so on whether to save).
         value = self.engine.mean_over_ranks(loss.detach().float())
         hist = self.healthy_losses
-        if len(hist) >= SPIKE_MIN_HISTORY and value > t.spike_factor * statistics.median(hist):
+        if hist and value > t.spike_factor * statistics.median(hist):
             self.spikes_in_row += 1
             self._trouble(version)
             log.warning("step %d: loss %.4g is above %g x the median of the last %d healthy steps (%.4g) (%d in a row)",
@@ -197,7 +199,11 @@ class Trainer:
             ckpt.set_aside_unhealthy([p for s, p in found if s >= bad])
         self.engine.barrier()
         good = ckpt.find_resume(self.out_dir)
-        where = f"{good}; --resume auto continues from it" if good else "none (no checkpoint was written before it)"
+        where = (
+            f"{good}; --resume auto continues from it"
+            if good
+            else "none (no checkpoint was written before it); --overwrite starts over (this run is moved aside)"
+        )
         raise NonFiniteLossError(
             f"{what}; stopping. The trouble began with the weights of step {bad}. The newest checkpoint from before "
             f"it: {where}. Lower optim.base_lr, set optim.clip_grad, or check the input data."
@@ -213,7 +219,7 @@ class Trainer:
         if self.step >= t.steps:
             log.info("nothing to do: step %d >= train.steps %d", self.step, t.steps)
             return ckpt.find_resume(self.out_dir)
-        writer = self._tb_writer() if self.rank == 0 and t.tensorboard else None
+        writer = self._tb_writer(purge=True) if self.rank == 0 and t.tensorboard else None
         metrics_file = open(self.out_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = self._progress_bar()
         it = self.batches()
@@ -321,10 +327,14 @@ class Trainer:
                     writer.add_scalar(f"train/{k}", v, self.step)
             writer.flush()
 
-    def _tb_writer(self):
+    def _tb_writer(self, purge: bool = False):
+        """purge: the loop's writer, at a start in a folder with events (a resume, or a restart before the first
+        checkpoint): TensorBoard then hides the points an interrupted attempt logged past this step (every step
+        >= purge_step in the earlier event files), as `truncate_metrics` drops their rows."""
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(str(self.out_dir / "tensorboard"))
+        folder = self.out_dir / "tensorboard"
+        return SummaryWriter(str(folder), purge_step=self.step + 1 if purge and folder.exists() else None)
 
     def _progress_bar(self):
         if not self.cfg.train.progress or self.rank != 0:
@@ -342,6 +352,7 @@ class Trainer:
         state = {
             "step": self.step,
             "nonfinite_total": self.nonfinite_total,
+            "health": {"healthy_losses": list(self.healthy_losses)},  # the spike guard's history: resumed with it
             "config": to_dict(self.cfg),
             "meta": {"world_size": self.world_size, "task": type(self.task).__name__, "run_id": self.run_id},
         }
@@ -352,12 +363,14 @@ class Trainer:
         return path
 
     def resume(self, where: str) -> None:
-        path = ckpt.find_resume(self.out_dir) if where == "auto" else Path(where)
+        # `auto`: an error if the folder holds checkpoints but none can be used (a fresh start would overwrite them)
+        path = ckpt.resume_point(self.out_dir) if where == "auto" else Path(where)
         if path is None:
             log.info("resume=auto: no checkpoint in %s, starting fresh", self.out_dir)
             return
-        # verified (by find_resume already for `auto`); resharded when saved on another number of ranks
+        # verified (by resume_point already for `auto`); resharded when saved on another number of ranks
         state = self.engine.load(path, verified=where == "auto")
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.healthy_losses.extend(state.get("health", {}).get("healthy_losses", ()))
         log.info("resumed from %s at step %d", path, self.step)

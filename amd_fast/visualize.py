@@ -165,7 +165,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     src = Path(args.checkpoint)
     out = args.out or src.with_name(src.name.removesuffix(".pt").replace("checkpoint-", "recon-") + ".png")
-    print(f"wrote {visualize_checkpoint(src, out, args.samples, args.frames, args.seed)}")
+    try:
+        print(f"wrote {visualize_checkpoint(src, out, args.samples, args.frames, args.seed)}")
+    except ckpt.CheckpointError as e:  # damaged, or not a checkpoint of tensors: one line, as training says it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

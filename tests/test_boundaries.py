@@ -4,7 +4,9 @@ amd_fast.kernels).
 1. Parallelism is applied from outside: only amd_fast/engine.py imports deepspeed or torch.distributed. The one other
    module that touches DeepSpeed is amd_fast/checkpoint.py, which reads its checkpoint files (zero_to_fp32, no process
    group), inside functions only. Model, objective, data and kernel code stays free of it.
-2. The import graph has no cycle, and the loop (amd_fast/trainer.py) imports no task."""
+2. The import graph has no cycle, and the loop (amd_fast/trainer.py) imports no task.
+3. Every checkpoint read goes through amd_fast/checkpoint.py (`read_checkpoint`: records checked, DeepSpeed
+   directories consolidated)."""
 
 import ast
 from pathlib import Path
@@ -184,3 +186,34 @@ def test_the_import_graph_reads_every_kind_of_import():
     assert "amd_fast.report" in graph["amd_fast.pretraining"]  # inside a method
     assert "amd_fast.kernels.gather" in graph["amd_fast.kernels"]  # from amd_fast.kernels.gather import ...
     assert "amd_fast.kernels" not in graph["amd_fast.kernels.backend"]  # from amd_fast.kernels import _native (.so)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One reader of checkpoints: torch.load only in checkpoint_io.torch_load (weights_only, the unsafe-pickle switch),
+# torch_load only from amd_fast/checkpoint.py, and the weights loaders fed what `read_checkpoint` returns.
+
+LOW_READER = PACKAGE / "models" / "checkpoint_io.py"
+LOADERS = ("load_encoder", "load_pretrain", "load_classifier")
+
+
+def _calls(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            yield node, ast.unparse(node.func).rpartition(".")[2], node.lineno
+
+
+def test_every_checkpoint_read_goes_through_the_checkpoint_module():
+    offenders = []
+    for p in [*PACKAGE.rglob("*.py"), *KERNELS.rglob("*.py")]:
+        where = str(p.relative_to(ROOT))
+        for node, name, line in _calls(p):
+            if name == "load" and ast.unparse(node.func) == "torch.load" and p != LOW_READER:
+                offenders.append(f"{where}:{line}: torch.load (read files with checkpoint.read_checkpoint)")
+            elif name == "torch_load" and p not in (LOW_READER, READER):
+                offenders.append(f"{where}:{line}: torch_load (read files with checkpoint.read_checkpoint)")
+            elif name in LOADERS and PACKAGE / "models" not in p.parents:
+                src = node.args[1] if len(node.args) > 1 else None
+                if not (isinstance(src, ast.Call) and ast.unparse(src.func).endswith("read_checkpoint")):
+                    offenders.append(f"{where}:{line}: {name} given {ast.unparse(src) if src else '?'}, not "
+                                     "checkpoint.read_checkpoint(...)")  # fmt: skip
+    assert not offenders, "\n".join(offenders)

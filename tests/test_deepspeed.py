@@ -20,9 +20,10 @@ import torch
 
 pytest.importorskip("deepspeed")  # the `deepspeed` extra (scripts/setup.sh installs it)
 
+from test_runs import flip_inside_a_tensor  # noqa: E402
 from test_train import TINY, read_metrics, tiny  # noqa: E402
 
-from amd_fast.checkpoint import consolidate, list_ds_checkpoints  # noqa: E402
+from amd_fast.checkpoint import META, CheckpointError, consolidate, list_ds_checkpoints  # noqa: E402
 from amd_fast.config import ConfigError, DistConfig  # noqa: E402
 from amd_fast.engine import deepspeed_config, uses_deepspeed  # noqa: E402
 from amd_fast.export import export_student  # noqa: E402
@@ -236,6 +237,28 @@ def test_resume_on_2_ranks_and_on_1(tmp_path, teacher):
         assert torch.equal(v, a["model"][k]), k
 
 
+def test_a_deepspeed_directory_is_read_wherever_a_file_is(tmp_path):
+    """A 2-rank ZeRO-2 run's checkpoint directory given as teacher.checkpoint or model.init (where a file is read):
+    consolidated, as probe.init, finetune.init, export and visualize take it; its files are checked against
+    meta.json first (sizes and SHA-256), so a damaged shard is named."""
+    launch(2, tmp_path / "t", "objective.name=mae", "model.embed_dim=48", "train.steps=2", "train.save_interval=2",
+           "dist.deepspeed_config=zero2")  # fmt: skip
+    d = tmp_path / "t" / "checkpoint-2"
+    full = consolidate(d)["model"]
+    student = Trainer(tiny(tmp_path / "s", f"teacher.checkpoint={d}", "train.steps=1"), pretrain_task, with_data=False)
+    for k, v in student.teacher.encoder.state_dict().items():
+        assert torch.equal(v, full[f"encoder.{k}"]), k
+    init = Trainer(tiny(tmp_path / "i", "objective.name=mae", "model.embed_dim=48", f"model.init={d}"), pretrain_task,
+                   with_data=False)  # fmt: skip
+    for k, v in init.model.state_dict().items():
+        assert torch.equal(v, full[k]), k
+
+    shard = max(d.glob("*optim_states.pt"), key=lambda p: p.stat().st_size)  # the fp32 weights and Adam moments
+    flip_inside_a_tensor(shard)
+    with pytest.raises(CheckpointError, match=rf"{d}: {shard.name}: its SHA-256 does not match {META}"):
+        Trainer(tiny(tmp_path / "s2", f"teacher.checkpoint={d}", "train.steps=1"), pretrain_task, with_data=False)
+
+
 def test_deepspeed_json_must_agree_with_the_amd_fast_config(tmp_path):
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}))
@@ -260,7 +283,8 @@ def test_one_process_checkpoint_resumes_on_2_ranks_with_zero3(tmp_path, teacher)
     one = Trainer(tiny(tmp_path / "one", *args, "data.batch_size=16"), pretrain_task)
     one.train()
     (tmp_path / "two").mkdir()
-    shutil.copy(tmp_path / "one" / "checkpoint-2.pt", tmp_path / "two" / "checkpoint-2.pt")
+    for name in ("checkpoint-2.pt", "checkpoint-2.pt.json"):  # the checkpoint and its record (without it: unverified)
+        shutil.copy(tmp_path / "one" / name, tmp_path / "two" / name)
     out = launch(2, tmp_path / "two", *args, "dist.deepspeed_config=zero3", "train.resume=auto")
     assert "checkpoint-2.pt: resharded onto 2 ranks" in out  # engine.load_checkpoint logs it
     two = consolidate(tmp_path / "two" / "checkpoint-4")

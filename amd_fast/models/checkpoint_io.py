@@ -115,28 +115,51 @@ def trust(paths) -> None:
     _TRUSTED.update(os.path.realpath(p) for p in paths)
 
 
+def _is_pickle(path: str | Path) -> bool:
+    """Whether a file is torch.save's zip (a pickle and its tensors) or a pickle (protocol 2+ starts with the PROTO
+    opcode, as torch.save's legacy format): only then can "more than tensors" be why weights_only refused it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or (head[:1] == pickle.PROTO and len(head) > 1 and 2 <= head[1] <= 5)
+
+
+def _reason(e: Exception) -> str:
+    """Why torch.load failed, in one line. For a weights_only refusal, PyTorch's reason without its advice (which
+    suggests weights_only=False)."""
+    if not isinstance(e, pickle.UnpicklingError):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    lines = [line.strip() for line in str(e).split("WeightsUnpickler error:", 1)[-1].splitlines() if line.strip()]
+    advice = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")
+    reason = next((line for line in lines if not line.startswith(advice) and "weights_only" not in line), "")
+    return reason.split(" Please use ", 1)[0].rstrip(".") or type(e).__name__
+
+
 def torch_load(path: str | Path, map_location="cpu", extra_globals: tuple = ()):
     """Every checkpoint file amd_fast reads goes through here (official files, training checkpoints, DeepSpeed's
-    shards). weights_only=True always: tensors and plain containers, plus argparse.Namespace (the official scripts
-    save their `args`) and the caller's `extra_globals` (data-holder classes). A file that needs more is refused,
-    naming it, unless the user listed it in train.unsafe_pickle (which runs whatever code the file holds: for files
-    you made or trust)."""
+    shards), called by amd_fast/checkpoint.py's `read_checkpoint`, which checks a file's record first.
+    weights_only=True always: tensors and plain containers, plus argparse.Namespace (the official scripts save their
+    `args`) and the caller's `extra_globals` (data-holder classes). A pickle that needs more is refused, naming it,
+    unless the user listed it in train.unsafe_pickle (which runs whatever code the file holds: for files you made or
+    trust); a file that is no pickle at all is said to be none."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace, *extra_globals]):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
+    except Exception as e:  # a refused pickle; random bytes, an empty or cut-short file, a folder, a text file, ...
+        if os.path.isfile(path) and not _is_pickle(path):
+            raise CheckpointError(
+                f"{path}: not a checkpoint: neither a torch.save file nor a pickle ({_reason(e)})"
+            ) from None
+        if not isinstance(e, pickle.UnpicklingError):
+            raise CheckpointError(f"{path}: cannot be read as a checkpoint ({_reason(e)})") from None
         if os.path.realpath(path) not in _TRUSTED:
             raise CheckpointError(
-                f"{path}: not a checkpoint of tensors and plain containers ({first}). If it is a checkpoint you "
+                f"{path}: not a checkpoint of tensors and plain containers ({_reason(e)}). If it is a checkpoint you "
                 f"trust that stores other objects, list it in train.unsafe_pickle=[{path}] -- UNSAFE: unpickling "
                 "runs code stored in the file."
             ) from None
         log.warning("%s: loading with weights_only=False, as train.unsafe_pickle asks (runs code in the file)", path)
         return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {first})") from None
 
 
 def read_state_dict(path_or_dict) -> dict[str, torch.Tensor]:
@@ -426,17 +449,18 @@ def _copy(module: nn.Module, new: Mapping[str, torch.Tensor], report: LoadReport
 
 
 def load_encoder(
-    encoder: VisionTransformer, src, *, prefix: str | None = None, strict: bool = True, pos_grid=None
+    encoder: VisionTransformer, src, *, prefix: str | None = None, strict: bool = True, pos_grid=None, source=None
 ) -> LoadReport:
     """Load a teacher (or a fine-tuning init) from a fine-tune, pre-training (`encoder.` prefix, auto-detected)
-    or MAE image checkpoint. src: a path, a loaded checkpoint dict or a state dict.
+    or MAE image checkpoint. src: a path, a loaded checkpoint dict (amd_fast reads its files with
+    `checkpoint.read_checkpoint`, which checks them) or a state dict; source: the file a dict came from (the report).
 
     Missing encoder keys raise unless strict=False (then they keep their init and are reported), except ones the
     layout never has (`norm.*` of a mean-pooling fine-tune file). pos_grid: the (t, h, w) grid of a saved position
     table, needed only when its row count alone does not tell (see `_saved_grid`).
     """
     state = read_state_dict(src)
-    report = LoadReport(source=_describe(src))
+    report = LoadReport(source=str(source or _describe(src)))
     prefix = _detect_prefix(state) if prefix is None else prefix
     new, used = _encoder_part(encoder, state, prefix, strict, pos_grid, report, model_prefix="")
     _copy(encoder, new, report, model_prefix="")
@@ -478,15 +502,16 @@ def _pretrain_hints(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list
     return hints
 
 
-def load_pretrain(model: nn.Module, src, strict: bool = False, *, pos_grid=None) -> LoadReport:
+def load_pretrain(model: nn.Module, src, strict: bool = False, *, pos_grid=None, source=None) -> LoadReport:
     """Initialize a `PretrainModel` (the student) from a VideoMAE / AMD pre-training file: everything that matches.
+    src, source: as `load_encoder`'s.
 
     The encoder part goes through `load_encoder`'s conversions. `generators.{k}.norm.*` is ignored (unused in AMD's
     reference); `generators.{k}.mask_token` is never in AMD's files and stays at its init (reported missing, never
     an error). A fine-tune or MAE file initializes only the encoder. strict=True raises on any other missing key.
     """
     state = read_state_dict(src)
-    report = LoadReport(source=_describe(src))
+    report = LoadReport(source=str(source or _describe(src)))
     prefix = _detect_prefix(state)
     new, used = _encoder_part(model.encoder, state, prefix, strict, pos_grid, report, model_prefix="encoder.")
     new = {"encoder." + k: v for k, v in new.items()}
