@@ -100,12 +100,12 @@ def measured(what: str, device: torch.device, trial, decide) -> tuple[str, dict]
     res = {"key": key, "machine": machine(device), "load": round(load, 2), "timings": trial()}
     choice, res = _decided({**res, "cached": False}, decide)
     busy = max(load, os.getloadavg()[0]) > 0.75 * (os.cpu_count() or 1)
-    res["conclusive"] = res["conclusive"] and not busy
+    res["agree"], res["conclusive"] = res["conclusive"], res["conclusive"] and not busy
     if res["conclusive"]:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({k: v for k, v in res.items() if k not in ("cached", "conclusive")}))
+            tmp.write_text(json.dumps({k: v for k, v in res.items() if k not in ("cached", "conclusive", "agree")}))
             tmp.replace(path)
         except OSError as exc:
             log.warning("measured choices: cannot write %s (%s); measured again in the next process", path, exc)
@@ -144,8 +144,11 @@ def describe(res: dict) -> str:
     """The figures behind a choice, for the log: best ms per option, fastest first; how it was obtained."""
     best = {n: min(v) for n, v in res["timings"].items()}
     figs = ", ".join(f"{n} {s * 1e3:.2f} ms" for n, s in sorted(best.items(), key=lambda x: x[1]))
-    how = "cached" if res.get("cached") else "measured" if res.get("conclusive") else \
-        "rounds disagree (a busy machine?): this run only, measured again next run"  # fmt: skip
+    if res.get("cached") or res.get("conclusive"):
+        how = "cached" if res.get("cached") else "measured"
+    else:
+        why = "rounds disagree" if not res.get("agree", False) else f"machine busy, load {res.get('load')}"
+        how = f"{why}: this run only, measured again next run"
     return f"{figs} ({how})"
 
 

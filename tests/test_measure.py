@@ -49,8 +49,8 @@ def test_precision_trial_runs_here_and_is_cached(fresh, monkeypatch):
     assert dt in (torch.float32, torch.bfloat16)
     files = list(fresh.glob("*.json"))
     saved = json.loads(files[0].read_text()) if files else None
-    if saved is None:  # the rounds disagreed (a busy machine): fp32 for now, nothing kept
-        assert dt == torch.float32 and "rounds disagree" in why
+    if saved is None:  # the rounds disagreed or the machine was busy: fp32 for now, nothing kept
+        assert dt == torch.float32 and "this run only" in why
         return
     assert set(saved["timings"]) == {"float32", "bfloat16"}
     assert all(len(v) == 4 and min(v) > 0 for v in saved["timings"].values())
