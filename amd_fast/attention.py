@@ -116,16 +116,45 @@ def select_backend(requested: str = "auto", device: torch.device | str = "cpu", 
             name, reason = cands[0], "auto: the first that runs here" + (" (nothing else does)" if len(cands) == 1
                                                                          else " (no shape to measure)")  # fmt: skip
         else:
-            from amd_fast.measure import attention_class, fastest_attention
-
-            name, why = fastest_attention({n: _IMPLS[n] for n in cands}, q, k, grad)
-            reason, cls = f"auto, the fastest here: {why}", attention_class(q, k, grad)
+            name, why = _fastest({n: _IMPLS[n] for n in cands}, q, k, grad)
+            reason, cls = f"auto, the fastest here: {why}", _shape_class(q, k, grad)
     key = (requested, name, device.type, dtype, cls)
     if key not in _logged:
         _logged.add(key)
         log.info("attention backend on %s %s%s: %s (%s)", device.type, str(dtype).removeprefix("torch."),
                  f" {cls}" if cls else "", name, reason)  # fmt: skip
     return name
+
+
+def _shape_class(q: torch.Tensor, k: torch.Tensor, grad: bool) -> str:
+    """What an attention measurement stands for: [B*H, Nq, Nk] bucketed to powers of two, the head width, grad."""
+    from amd_fast.kernels.triton_utils import next_pow2
+
+    bh, nq, nk = q.shape[0] * q.shape[1], q.shape[2], k.shape[2]
+    return f"bh{next_pow2(bh)} q{next_pow2(nq)} k{next_pow2(nk)} d{q.shape[3]} {'fwd+bwd' if grad else 'fwd'}"
+
+
+def _fastest(impls: dict, q: torch.Tensor, k: torch.Tensor, grad: bool) -> tuple[str, str]:
+    """The fastest of `impls` at this call's shape class, timed once per machine on random tensors of its shape
+    (amd_fast/measure.py) -> (name, the reason with its figures)."""
+    from amd_fast.measure import fastest
+
+    gen = torch.Generator().manual_seed(0)
+    dev, dt = q.device, q.dtype
+    q_, k_, v_ = (torch.randn(s, generator=gen).to(dev, dt).requires_grad_(grad) for s in (q.shape, k.shape, k.shape))
+
+    def call(fn):
+        def run():
+            with torch.enable_grad() if grad else torch.no_grad():
+                out = fn(q_, k_, v_)
+                if grad:
+                    out.backward(torch.ones_like(out))
+                    q_.grad = k_.grad = v_.grad = None
+
+        return run
+
+    what = f"attention/{dev.type} {str(dt).removeprefix('torch.')} {_shape_class(q, k, grad)}"
+    return fastest(what, dev, {n: call(fn) for n, fn in impls.items()})
 
 
 class _Dispatch:

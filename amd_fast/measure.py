@@ -160,41 +160,9 @@ def sync_of(device: torch.device):
 # the fastest of several ways to run one call
 
 
-def bucket(n: int) -> int:
-    """A count rounded up to a power of two: the unit of the shape classes."""
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def fastest(what: str, device: torch.device, trials: dict) -> tuple[str, str]:
     """trials: {option: a zero-argument call}; timed in 3 interleaved rounds once per machine and `what` (the kind of
     call and its shape class) -> (the fastest option, the reason with the figures)."""
     best, res = measured(what, device, lambda: time_rounds(trials, sync=sync_of(device)),
                          lambda t: min((n for n in t if n in trials), key=t.get))  # fmt: skip
     return best, f"{what.split('/', 1)[-1]}: {describe(res)}"
-
-
-def attention_class(q: torch.Tensor, k: torch.Tensor, grad: bool) -> str:
-    """The shape class an attention measurement stands for: [B*H, Nq, Nk] bucketed, the head width, grad."""
-    bh = q.shape[0] * q.shape[1]
-    return f"bh{bucket(bh)} q{bucket(q.shape[2])} k{bucket(k.shape[2])} d{q.shape[3]} {'fwd+bwd' if grad else 'fwd'}"
-
-
-def fastest_attention(impls: dict, q: torch.Tensor, k: torch.Tensor, grad: bool) -> tuple[str, str]:
-    """The fastest of `impls` ({name: fn(q, k, v)}) at this call's shape class, timed on random tensors of its
-    shape -> (name, the reason with its figures)."""
-    gen = torch.Generator().manual_seed(0)
-    dev, dt = q.device, q.dtype
-    q_, k_, v_ = (torch.randn(s, generator=gen).to(dev, dt).requires_grad_(grad) for s in (q.shape, k.shape, k.shape))
-
-    def call(fn):
-        def run():
-            with torch.enable_grad() if grad else torch.no_grad():
-                out = fn(q_, k_, v_)
-                if grad:
-                    out.backward(torch.ones_like(out))
-                    q_.grad = k_.grad = v_.grad = None
-
-        return run
-
-    what = f"attention/{dev.type} {str(dt).removeprefix('torch.')} {attention_class(q, k, grad)}"
-    return fastest(what, dev, {n: call(fn) for n, fn in impls.items()})

@@ -33,7 +33,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from amd_fast.kernels import backend as _backend
-from amd_fast.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tune_rows
+from amd_fast.kernels.triton_utils import LazyKernel, cdiv, next_pow2
 
 tl = triton = None  # set by LazyKernel when a Triton kernel is first launched
 
@@ -221,7 +221,7 @@ def _rows_triton(z_RD, t_RD, grad_RD, scale, accumulate, pred_l2, target_norm, d
     if R:
         _rows_jit[(R,)](
             z_RD, t_RD, g, loss_R, scale.float().reshape(1), D, z_RD.stride(0), t_RD.stride(0), g.stride(0),
-            target_eps, tune_rows(R), PRED_L2=pred_l2, TARGET_NORM=target_norm, DIST=dist,
+            target_eps, next_pow2(R), PRED_L2=pred_l2, TARGET_NORM=target_norm, DIST=dist,
             WRITE_GRAD=grad_RD is not None, ACCUMULATE=accumulate, BLOCK_D=next_pow2(D),
         )  # fmt: skip
     return loss_R.sum()
@@ -597,13 +597,15 @@ def fused_alignment_loss(
     if target_norm not in TARGET_NORMS or pred_norm not in ("none", "l2"):
         raise ValueError(f"pred_norm {pred_norm!r} / target_norm {target_norm!r}: allowed none/l2, none/layernorm/l2")
     opts = (ln_eps, pred_norm, target_norm, target_eps, distance, return_z, recompute, chunk_size)
-    if backend is None:
-        dev = h.device
-        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+    dev = h.device
+    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype  # what the op sees
+    if backend is None and _backend.selected() != "auto":  # forced (objective.kernels): nothing to measure
+        backend = _backend.resolve("alignment_loss", dev, dtype)
+    if backend is None:  # auto: the fastest at this call's shape class
         grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (h, weight, bias, ln_weight, ln_bias)
         )
-        shape = (f"r{tune_rows(h.numel() // h.shape[-1])}", f"s{h.shape[-1]}", f"t{weight.shape[0]}", distance,
+        shape = (f"r{next_pow2(h.numel() // h.shape[-1])}", f"s{h.shape[-1]}", f"t{weight.shape[0]}", distance,
                  f"{pred_norm}/{target_norm}", "ln" if ln_weight is not None else "", "z" if return_z else "",
                  "fwd+bwd" if grad else "fwd")  # fmt: skip
 

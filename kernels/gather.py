@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 from amd_fast.kernels import backend as _backend
-from amd_fast.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tune_rows
+from amd_fast.kernels.triton_utils import LazyKernel, cdiv, next_pow2
 
 tl = triton = None  # set by LazyKernel when a Triton kernel is first launched
 
@@ -141,7 +141,7 @@ def _gather_triton(src_SD, ids_BV, rps, pos_ND, base_BVD):
         pos = pos_ND.to(src_SD.dtype).contiguous() if pos_ND is not None else src_SD
         base = base_BVD.to(src_SD.dtype).contiguous() if base_BVD is not None else src_SD
         _gather_jit[_grid(B * V, D, block_d)](
-            src_SD.contiguous(), ids_BV.contiguous(), pos, base, out, B * V, V, D, rps, tune_rows(B * V),
+            src_SD.contiguous(), ids_BV.contiguous(), pos, base, out, B * V, V, D, rps, next_pow2(B * V),
             HAS_POS=pos_ND is not None, HAS_BASE=base_BVD is not None, BLOCK_D=block_d,
         )  # fmt: skip
     return out
@@ -154,7 +154,7 @@ def _scatter_triton(g_BVD, ids_BV, rps, S):
     if g_BVD.numel():
         block_d = min(next_pow2(D), 1024)
         _scatter_jit[_grid(B * V, D, block_d)](g_BVD.contiguous(), ids_BV.contiguous(), out, B * V, V, D, rps,
-                                               tune_rows(B * V), BLOCK_D=block_d)  # fmt: skip
+                                               next_pow2(B * V), BLOCK_D=block_d)  # fmt: skip
     return out.to(g_BVD.dtype)
 
 
@@ -246,11 +246,13 @@ def _call(name, src_SD, ids_BV, rps, pos_ND, base_BVD):
 
 
 def _dispatch(src_SD, ids_BV, rps, pos_ND, base_BVD, backend):
-    if backend is None:
+    if backend is None and _backend.selected() != "auto":  # forced (objective.kernels): nothing to measure
+        backend = _backend.resolve("gather", src_SD.device, src_SD.dtype)
+    if backend is None:  # auto: the fastest at this call's shape class
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (src_SD, pos_ND, base_BVD))
         shape = (
             "tokens" if rps else "rows",
-            f"r{tune_rows(ids_BV.numel())}",
+            f"r{next_pow2(ids_BV.numel())}",
             f"d{src_SD.shape[-1]}",
             "+pos" * (pos_ND is not None) + "+base" * (base_BVD is not None),
             "fwd+bwd" if grad else "fwd",

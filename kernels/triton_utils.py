@@ -12,8 +12,8 @@ buffer (a scatter-add's atomics) or rewrites one of its inputs in place (the fus
 gradient over z) would return the sum, or the composition, of all those launches. Each kernel therefore
 declares what its launches write: `reset_to_zero` (buffers it accumulates into from zero) and `restore_value`
 (buffers it reads and overwrites), which Triton's autotuner zeroes / restores around every benchmark launch
-and before the real one. `TUNE_KEY` rows are bucketed to a power of two, so a new batch size retunes only
-when it changes the bucket.
+and before the real one. `TUNE_KEY` is the rows bucketed to a power of two (`next_pow2`), so a new batch size
+retunes only when it changes the bucket.
 
 No CPU run can see that bug: under the interpreter Triton skips autotuning. `standin_tuner` makes it happen
 there too: Triton's own `Autotuner`, over the GPU configs, with a benchmark function that launches each config
@@ -26,13 +26,7 @@ import contextlib
 import random
 
 import torch
-
-
-def triton_interpreting() -> bool:
-    from amd_fast.kernels.backend import triton_interpreting as interpreting
-
-    return interpreting()
-
+from amd_fast.kernels.backend import triton_interpreting
 
 _STANDIN: dict = {}  # {"do_bench": fn} while standin_tuner() is active
 
@@ -123,8 +117,3 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def tune_rows(n: int) -> int:
-    """The rows bucket a kernel is tuned for (a power of two): passed as the TUNE_KEY argument."""
-    return next_pow2(max(1, n))

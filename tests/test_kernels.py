@@ -310,13 +310,15 @@ def _check_gather(backend, kind, shapes):
 # What a GPU does that the interpreter does not: autotuning on live buffers, uninitialized memory
 
 
+# the stand-in runs Triton under the interpreter; on a GPU (AMD_FAST_TEST_DEVICE=cuda) the real tuner runs every test
+STANDIN = pytest.mark.skipif(not (INTERPRETED and kb.triton_available()), reason="needs Triton's interpreter")
+
+
 @pytest.fixture
 def as_on_a_gpu():
     """Triton's autotuner over the GPU configs under the interpreter (each config launched 3 times on the live
     arguments before the real launch, as on a GPU), and torch.empty filled with NaN (a CUDA allocation is not
     zeroed; a CPU one often happens to be)."""
-    if not (INTERPRETED and kb.triton_available()):
-        pytest.skip("the stand-in runs Triton under the interpreter (on a GPU the real tuner runs every test)")
     from amd_fast.kernels.triton_utils import standin_tuner
 
     fill = torch.utils.deterministic.fill_uninitialized_memory
@@ -330,6 +332,7 @@ def as_on_a_gpu():
         torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
+@STANDIN
 @pytest.mark.parametrize("kind", ["tokens+pos", "rows+base"])
 def test_triton_gather_right_under_autotuning(as_on_a_gpu, kind):
     """The scatter-add (backward) accumulates with atomics into a zeroed buffer: without reset_to_zero the first
@@ -337,6 +340,7 @@ def test_triton_gather_right_under_autotuning(as_on_a_gpu, kind):
     _check_gather("triton", kind, GATHER_SHAPES[:2])
 
 
+@STANDIN
 @pytest.mark.parametrize("cfg, mode", [(CONFIGS[0], "loss"), (CONFIGS[3], "loss"), (CONFIGS[1], "z")],
                          ids=["mse-loss", "l2-ln-loss", "l1-z"])  # fmt: skip
 def test_triton_alignment_loss_right_under_autotuning(as_on_a_gpu, cfg, mode):
@@ -345,10 +349,9 @@ def test_triton_alignment_loss_right_under_autotuning(as_on_a_gpu, cfg, mode):
     _check_alignment("triton", cfg, mode, SHAPES[:2])
 
 
+@STANDIN
 def test_standin_tuner_tunes_and_launches_each_config():
     """The stand-in is not a no-op: inside it the kernels are Triton Autotuners that benchmark several configs."""
-    if not (INTERPRETED and kb.triton_available()):
-        pytest.skip("interpreter only")
     from amd_fast.kernels import gather as kg
     from amd_fast.kernels.triton_utils import standin_tuner
 
@@ -368,7 +371,7 @@ def test_gpu_launch_rules():
     pytest.importorskip("triton")
     from amd_fast.kernels import alignment_loss as ka
     from amd_fast.kernels import gather as kg
-    from amd_fast.kernels.triton_utils import next_pow2, tune_rows
+    from amd_fast.kernels.triton_utils import next_pow2
 
     for D in (1, 5, 33, 130, 384, 768, 1024, 1536):
         block_d = min(next_pow2(D), 1024)
@@ -377,7 +380,7 @@ def test_gpu_launch_rules():
         assert all(c.kwargs["BLOCK_R"] * block_d in (2048, 8192) or c.kwargs["BLOCK_R"] == 64 for c in tiles)
         warps = ka._prune_warps(ka._rows_gpu_configs(), next_pow2(D))
         assert warps and all(c.num_warps * 128 <= next_pow2(D) for c in warps) or len(warps) == 1
-    assert [tune_rows(n) for n in (1, 2, 3, 157, 10048)] == [1, 2, 4, 256, 16384]
+    assert [next_pow2(n) for n in (1, 2, 3, 157, 10048)] == [1, 2, 4, 256, 16384]
 
 
 def test_gather_broadcast_base_and_bad_index():
